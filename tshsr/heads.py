@@ -1,0 +1,256 @@
+"""Similarity heads: SCAN attention, similarity nodes, hierarchical reasoning, SGR and SAF.
+
+All functions work on *pairs*: tensors with a leading pair axis P, where pair p holds one image
+and one caption. Exhaustive scoring, mined negatives in training and reranking all reduce to
+lists of pairs (see :meth:`tshsr.TSHSRModel.score_pairs`). The equations are written out in
+``docs/ARCHITECTURE.md``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NEG_INF = -1e4  # large enough to zero a softmax entry, small enough to stay finite in bf16
+
+
+def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
+    return x / (x.pow(2).sum(dim, keepdim=True).sqrt() + eps)
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.softmax(logits.masked_fill(~mask, NEG_INF), dim=dim) * mask
+
+
+def cross_attention(
+    queries: torch.Tensor, query_mask: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
+    smooth: float, normalize_over_queries: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SCAN/SGRAF attention of each query unit over the key units.
+
+    A = LeakyReLU_0.1(Q K^T); each key's column is L2-normalised over the queries (SCAN's
+    "clipped l2norm"), weights = softmax over keys of (smooth * A); the attended vector is
+    L2-normalised. Returns (attended [P, nq, D], weights [P, nq, nk]); weights of a valid query
+    sum to one over the valid keys.
+    """
+    affinity = F.leaky_relu(torch.bmm(queries, keys.transpose(1, 2)), 0.1)
+    affinity = affinity * query_mask.unsqueeze(2)
+    if normalize_over_queries:
+        affinity = l2norm(affinity, dim=1)
+    weights = masked_softmax(smooth * affinity, key_mask.unsqueeze(1), dim=2)
+    return l2norm(torch.bmm(weights, keys)), weights
+
+
+class SimilarityNodes(nn.Module):
+    """Similarity vector of two aligned vectors: l2norm(W (x - y)^2), as in SGRAF."""
+
+    def __init__(self, embed_dim: int, sim_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(embed_dim, sim_dim)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return l2norm(self.proj((x - y).pow(2)))
+
+
+class FilteredReadout(nn.Module):
+    """Attention-filtered pooling of a set of nodes into one score (SAF's readout, masked).
+
+    alpha = sigmoid(w^T n) normalised to sum one over valid nodes, score = sigmoid(w'^T l2norm(sum
+    alpha n)). Returns (score [P], alpha [P, n]).
+    """
+
+    def __init__(self, sim_dim: int):
+        super().__init__()
+        self.gate = nn.Linear(sim_dim, 1)
+        self.score = nn.Linear(sim_dim, 1)
+
+    def forward(self, nodes: torch.Tensor, mask: torch.Tensor):
+        alpha = torch.sigmoid(self.gate(nodes).squeeze(-1)) * mask
+        alpha = alpha / alpha.sum(-1, keepdim=True).clamp(min=1e-8)
+        pooled = l2norm(torch.bmm(alpha.unsqueeze(1), nodes).squeeze(1))
+        return torch.sigmoid(self.score(pooled).squeeze(-1)), alpha
+
+
+class HierarchicalReasoning(nn.Module):
+    """Message passing over the local, context and global nodes of one stream.
+
+    Bottom-up: each context node gathers its local nodes with weights that combine the
+    context unit's membership (how much each query unit belongs to it) with a data-dependent
+    gate on the local node; the global node gathers the context nodes (or the local nodes
+    directly when there is no context level). Top-down: context nodes read the global node, and
+    each local node receives its context parents' messages, gated by itself. Every update is a
+    residual followed by L2 normalisation, so nodes stay similarity vectors on the unit sphere.
+    Only O(nodes x m) work touches the many local nodes; m x m projections run on the few
+    context and global nodes, which keeps the reasoning cheap next to building the nodes.
+    """
+
+    def __init__(self, sim_dim: int, steps: int, with_context: bool):
+        super().__init__()
+        self.steps = steps
+        self.with_context = with_context
+        m = sim_dim
+        self.local_gate = nn.Linear(m, 1)
+        self.up_global = nn.Linear(m, m)
+        self.down_local = nn.Linear(2 * m if with_context else m, m)
+        self.down_gate = nn.Linear(m, 1)
+        if with_context:
+            self.up_context = nn.Linear(m, m)
+            self.context_gate = nn.Linear(m, 1)
+            self.down_context = nn.Linear(2 * m, m)
+
+    def forward(self, local, local_mask, context, membership, global_node):
+        """local [P, n, m], local_mask [P, n], context [P, C, m] or None, membership [P, C, n]
+        (rows sum to one over the query units) or None, global_node [P, m]."""
+        eps = 1e-6
+        for _ in range(self.steps):
+            # ---- bottom-up ----
+            local_logit = self.local_gate(local).squeeze(-1)  # [P, n]
+            if self.with_context:
+                edge = masked_softmax(
+                    torch.log(membership + eps) + local_logit.unsqueeze(1), local_mask.unsqueeze(1), dim=2
+                )
+                context = l2norm(context + F.relu(self.up_context(torch.bmm(edge, local))))
+                up_edge = torch.softmax(self.context_gate(context).squeeze(-1), dim=1)
+                gathered = torch.bmm(up_edge.unsqueeze(1), context).squeeze(1)
+            else:
+                up_edge = masked_softmax(local_logit, local_mask, dim=1)
+                gathered = torch.bmm(up_edge.unsqueeze(1), local).squeeze(1)
+            global_node = l2norm(global_node + F.relu(self.up_global(gathered)))
+            # ---- top-down ----
+            if self.with_context:
+                g = global_node.unsqueeze(1).expand_as(context)
+                context = l2norm(context + F.relu(self.down_context(torch.cat([context, g], -1))))
+                message = F.relu(self.down_local(torch.cat([context, g], -1)))  # [P, C, m]
+                share = membership / membership.sum(1, keepdim=True).clamp(min=eps)  # over parents
+                received = torch.bmm(share.transpose(1, 2), message)  # [P, n, m]
+            else:
+                received = F.relu(self.down_local(global_node)).unsqueeze(1)
+            gate = torch.sigmoid(self.down_gate(local))
+            local = l2norm(local + gate * received) * local_mask.unsqueeze(-1)
+        return local, context, global_node
+
+
+class StreamHead(nn.Module):
+    """One stream of TSHSR: the query side's units attend over the key side's units.
+
+    i2t: queries are image regions, keys are words. t2i: queries are words, keys are regions.
+    Produces one score per level in [0, 1] (or [-1, 1] blended with the cosine at the global level).
+    """
+
+    def __init__(self, config, stream: str):
+        super().__init__()
+        D, m = config.embed_dim, config.sim_dim
+        self.stream = stream
+        self.levels = tuple(config.levels)
+        self.smooth = config.attention_smooth
+        self.global_cosine = config.global_cosine
+        self.local_nodes = SimilarityNodes(D, m)
+        self.global_nodes = SimilarityNodes(D, m)
+        self.local_readout = FilteredReadout(m)
+        self.global_readout = nn.Linear(m, 1)
+        if "context" in self.levels:
+            self.context_nodes = SimilarityNodes(D, m)
+            self.context_readout = FilteredReadout(m)
+        self.reasoning = HierarchicalReasoning(m, config.reasoning_steps, "context" in self.levels)
+        # Starts leaning on the cosine of the contrastive global vectors: it learns fastest.
+        self.cosine_mix = nn.Parameter(torch.tensor(2.0)) if self.global_cosine else None
+        self.level_logits = nn.Parameter(torch.zeros(len(self.levels)))
+
+    def level_weights(self) -> torch.Tensor:
+        return torch.softmax(self.level_logits, 0)
+
+    def forward(self, q, k, cosine, want_maps: bool = False):
+        """q, k: dicts of per-pair tensors (units, mask, pooled, context, membership).
+        Returns ({level: score [P]}, maps)."""
+        maps = {}
+        attended, weights = cross_attention(q["units"], q["mask"], k["units"], k["mask"], self.smooth)
+        local = self.local_nodes(attended, q["units"]) * q["mask"].unsqueeze(-1)
+        glob = self.global_nodes(k["pooled"], q["pooled"])
+        context = membership = None
+        if "context" in self.levels:
+            ctx_attended, ctx_weights = cross_attention(
+                q["context"], torch.ones_like(q["context"][..., 0], dtype=torch.bool),
+                k["units"], k["mask"], self.smooth,
+            )
+            context = self.context_nodes(ctx_attended, q["context"])
+            membership = q["membership"]
+            if want_maps:
+                maps["context_attention"] = ctx_weights
+                maps["context_membership"] = membership
+        local, context, glob = self.reasoning(local, q["mask"], context, membership, glob)
+
+        scores = {}
+        scores["local"], alpha = self.local_readout(local, q["mask"])
+        if "context" in self.levels:
+            ones = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+            scores["context"], _ = self.context_readout(context, ones)
+        node_score = torch.sigmoid(self.global_readout(glob).squeeze(-1))
+        if self.global_cosine:
+            mix = torch.sigmoid(self.cosine_mix)
+            scores["global"] = mix * cosine + (1 - mix) * node_score
+        else:
+            scores["global"] = node_score
+        if want_maps:
+            maps["attention"] = weights
+            maps["local_weights"] = alpha
+        return {lv: scores[lv] for lv in self.levels}, maps
+
+
+class GraphReasoningStep(nn.Module):
+    """One SGR step, as in SGRAF: N <- ReLU(W_r softmax((W_q N)(W_k N)^T) N)."""
+
+    def __init__(self, sim_dim: int):
+        super().__init__()
+        self.query = nn.Linear(sim_dim, sim_dim)
+        self.key = nn.Linear(sim_dim, sim_dim)
+        self.update = nn.Linear(sim_dim, sim_dim)
+
+    def forward(self, nodes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits = torch.bmm(self.query(nodes), self.key(nodes).transpose(1, 2))
+        edges = masked_softmax(logits, mask.unsqueeze(1), dim=2)
+        return F.relu(self.update(torch.bmm(edges, nodes))) * mask.unsqueeze(-1)
+
+
+class SGRAFHead(nn.Module):
+    """SGRAF's SGR or SAF model (text-to-image only), on nodes [s_g, s_1 .. s_L]."""
+
+    def __init__(self, config):
+        super().__init__()
+        D, m = config.embed_dim, config.sim_dim
+        self.kind = config.head
+        self.smooth = config.attention_smooth
+        self.local_nodes = SimilarityNodes(D, m)
+        self.global_nodes = SimilarityNodes(D, m)
+        self.readout = nn.Linear(m, 1)
+        if self.kind == "sgr":
+            self.steps = nn.ModuleList(GraphReasoningStep(m) for _ in range(config.reasoning_steps))
+        else:
+            self.filter = nn.Linear(m, 1)
+            self.filter_norm = nn.BatchNorm1d(1)
+
+    def nodes(self, text, image):
+        attended, weights = cross_attention(text["units"], text["mask"], image["units"], image["mask"], self.smooth)
+        local = self.local_nodes(attended, text["units"])
+        glob = self.global_nodes(image["pooled"], text["pooled"])
+        nodes = torch.cat([glob.unsqueeze(1), local], 1)
+        mask = torch.cat([torch.ones_like(text["mask"][:, :1]), text["mask"]], 1)
+        return nodes * mask.unsqueeze(-1), mask, weights
+
+    def forward(self, text, image, want_maps: bool = False):
+        nodes, mask, weights = self.nodes(text, image)
+        maps = {"attention": weights} if want_maps else {}
+        if self.kind == "sgr":
+            for step in self.steps:
+                nodes = step(nodes, mask)
+            return torch.sigmoid(self.readout(nodes[:, 0]).squeeze(-1)), maps
+        logits = self.filter(nodes).squeeze(-1)  # [P, 1 + L]
+        # BatchNorm over the valid nodes only, so padding never shifts the statistics.
+        normed = torch.zeros_like(logits)
+        normed[mask] = self.filter_norm(logits[mask].unsqueeze(1)).squeeze(1)
+        alpha = torch.sigmoid(normed) * mask
+        alpha = alpha / alpha.sum(-1, keepdim=True).clamp(min=1e-8)
+        pooled = l2norm(torch.bmm(alpha.unsqueeze(1), nodes).squeeze(1))
+        if want_maps:
+            maps["local_weights"] = alpha[:, 1:]
+        return torch.sigmoid(self.readout(pooled).squeeze(-1)), maps
