@@ -1,0 +1,166 @@
+"""On-disk cache of frozen backbone features, so training epochs never rerun the towers.
+
+A cache entry is keyed by everything that changes its contents: the image backbone and its
+preprocessing, the text encoder and its tokenisation, and the data (image ids and captions).
+Change any of them and a new entry is built. Entries are memory-mapped ``.npy`` files in
+float16, written in chunks with a progress file, so an interrupted caching run resumes where
+it stopped, and readers never see a half-written entry (``complete`` is set last).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+FEATURE_DTYPE = np.float16
+
+
+def content_key(image_ids, captions, caption_image) -> str:
+    h = hashlib.sha256()
+    for value in image_ids:
+        h.update(str(value).encode() + b"\0")
+    h.update(b"\1")
+    for caption, owner in zip(captions, caption_image):
+        h.update(f"{int(owner)}\t{caption}".encode() + b"\0")
+    return h.hexdigest()
+
+
+def backbone_key(config) -> dict:
+    """The parts of a config that determine backbone features (not the trainable head)."""
+    return {
+        "image_encoder": config.image_encoder,
+        "image_backbone": config.image_backbone if config.image_encoder == "timm" else None,
+        "image_weights": config.image_weights,
+        "image_size": config.image_size,
+        "image_mean": list(config.image_mean or []),
+        "image_std": list(config.image_std or []),
+        "text_encoder": config.text_encoder,
+        "text_model": config.text_model,
+        "max_text_length": config.max_text_length,
+        "format": 1,
+    }
+
+
+@dataclass
+class CachedFeatures:
+    """Memory-mapped features of one split: image regions and caption tokens with masks."""
+
+    images: np.ndarray  # [N, K, F] float16
+    image_mask: np.ndarray  # [N, K] bool
+    texts: np.ndarray  # [C, L, F] float16
+    text_mask: np.ndarray  # [C, L] bool
+    directory: Path
+
+    def image_batch(self, index, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        index = np.asarray(index)
+        return (torch.from_numpy(np.ascontiguousarray(self.images[index])).to(device, torch.float32),
+                torch.from_numpy(np.ascontiguousarray(self.image_mask[index])).to(device))
+
+    def text_batch(self, index, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        index = np.asarray(index)
+        mask = self.text_mask[index]
+        width = max(1, int(mask.any(0).nonzero()[0].max()) + 1) if mask.any() else 1
+        return (torch.from_numpy(np.ascontiguousarray(self.texts[index, :width])).to(device, torch.float32),
+                torch.from_numpy(np.ascontiguousarray(mask[:, :width])).to(device))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def cache_features(model, images, captions, image_ids, caption_image, cache_dir: str | os.PathLike,
+                   image_batch_size: int = 32, text_batch_size: int = 256, progress: bool = True) -> CachedFeatures:
+    """Compute (or reuse) backbone features of a split. ``images``: list of PIL images or paths
+    (for a precomputed-features model, an array [N, K, F] that is cached as is)."""
+    config = model.config
+    key_data = {"backbone": backbone_key(config), "data": content_key(image_ids, captions, caption_image)}
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
+    directory = Path(cache_dir) / key
+    directory.mkdir(parents=True, exist_ok=True)
+    state_path = directory / "progress.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    n_images, n_texts = len(image_ids), len(captions)
+    if state.get("complete"):
+        return _open(directory)
+    (directory / "key.json").write_text(json.dumps(key_data, indent=1, sort_keys=True))
+
+    model_was_training = model.training
+    model.eval()
+    # ---- images ----
+    if config.image_encoder == "timm":
+        grid = model.image_grid()
+        regions = grid[0] * grid[1] if grid else None
+        if regions is None:
+            probe, _ = model.image_features(images[:1])
+            regions = probe.shape[1]
+    else:
+        regions = np.asarray(images[0]).shape[0]
+    feat_dim = config.image_feature_dim
+    img = _memmap(directory / "images.npy", (n_images, regions, feat_dim), FEATURE_DTYPE, state)
+    img_mask = _memmap(directory / "image_mask.npy", (n_images, regions), np.bool_, state)
+    done = int(state.get("images_done", 0))
+    bar = tqdm(total=n_images, initial=done, desc="cache image features", unit="img", disable=not progress)
+    while done < n_images:
+        stop = min(done + image_batch_size, n_images)
+        feats, mask = model.image_features(images[done:stop])
+        img[done:stop] = feats.cpu().numpy().astype(FEATURE_DTYPE)
+        img_mask[done:stop] = mask.cpu().numpy()
+        img.flush(), img_mask.flush()
+        done = stop
+        state["images_done"] = done
+        _write_json(state_path, state)
+        bar.update(stop - bar.n)
+    bar.close()
+    # ---- texts ----
+    length = config.max_text_length
+    txt = _memmap(directory / "texts.npy", (n_texts, length, config.text_feature_dim), FEATURE_DTYPE, state)
+    txt_mask = _memmap(directory / "text_mask.npy", (n_texts, length), np.bool_, state)
+    done = int(state.get("texts_done", 0))
+    bar = tqdm(total=n_texts, initial=done, desc="cache text features", unit="cap", disable=not progress)
+    while done < n_texts:
+        stop = min(done + text_batch_size, n_texts)
+        feats, mask = model.text_features(list(captions[done:stop]))
+        width = feats.shape[1]
+        txt[done:stop, :width] = feats.cpu().numpy().astype(FEATURE_DTYPE)
+        txt[done:stop, width:] = 0
+        txt_mask[done:stop, :width] = mask.cpu().numpy()
+        txt_mask[done:stop, width:] = False
+        txt.flush(), txt_mask.flush()
+        done = stop
+        state["texts_done"] = done
+        _write_json(state_path, state)
+        bar.update(stop - bar.n)
+    bar.close()
+    state["complete"] = True
+    _write_json(state_path, state)
+    model.train(model_was_training)
+    return _open(directory)
+
+
+def _memmap(path: Path, shape, dtype, state) -> np.ndarray:
+    resuming = path.exists() and state.get(path.name) == list(shape)
+    if resuming:
+        return np.load(path, mmap_mode="r+")
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    state[path.name] = list(shape)
+    return array
+
+
+def _open(directory: Path) -> CachedFeatures:
+    return CachedFeatures(
+        images=np.load(directory / "images.npy", mmap_mode="r"),
+        image_mask=np.load(directory / "image_mask.npy", mmap_mode="r"),
+        texts=np.load(directory / "texts.npy", mmap_mode="r"),
+        text_mask=np.load(directory / "text_mask.npy", mmap_mode="r"),
+        directory=directory,
+    )
