@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RECALL_KS", "retrieval_ranks", "retrieval_metrics", "recalls_from_ranks", "coco_1k_folds"]
+__all__ = ["RECALL_KS", "retrieval_ranks", "retrieval_metrics", "recalls_from_ranks", "coco_1k_folds", "fold_ranges", "mean_metrics"]
 
 RECALL_KS = (1, 5, 10)
 
@@ -128,6 +128,16 @@ def coco_1k_folds(
     t2i_scores = None if text_to_image_scores is None else _as_numpy(text_to_image_scores)
     n_images, n_captions = i2t_scores.shape
     mapping = _check_mapping(caption_image, n_images, n_captions)
+    folds = []
+    for lo, hi in fold_ranges(n_images, fold_size, n_folds):
+        columns = np.flatnonzero((mapping >= lo) & (mapping < hi))
+        fold_t2i = None if t2i_scores is None else t2i_scores[lo:hi][:, columns]
+        folds.append(retrieval_metrics(i2t_scores[lo:hi][:, columns], mapping[columns] - lo, fold_t2i))
+    return mean_metrics(folds)
+
+
+def fold_ranges(n_images: int, fold_size: int = 1000, n_folds: int | None = None) -> list[tuple[int, int]]:
+    """``[(first, stop), ...]`` image ranges of the 1K folds (see :func:`coco_1k_folds`)."""
     if fold_size <= 0:
         raise ValueError(f"fold_size must be positive, got {fold_size}")
     if n_folds is None:
@@ -136,14 +146,14 @@ def coco_1k_folds(
         n_folds = n_images // fold_size
     if n_folds <= 0 or n_folds * fold_size > n_images:
         raise ValueError(f"{n_folds} folds of {fold_size} need {n_folds * fold_size} images, got {n_images}")
+    return [(k * fold_size, (k + 1) * fold_size) for k in range(n_folds)]
 
-    folds = []
-    for fold in range(n_folds):
-        lo, hi = fold * fold_size, (fold + 1) * fold_size
-        columns = np.flatnonzero((mapping >= lo) & (mapping < hi))
-        fold_t2i = None if t2i_scores is None else t2i_scores[lo:hi][:, columns]
-        folds.append(retrieval_metrics(i2t_scores[lo:hi][:, columns], mapping[columns] - lo, fold_t2i))
-    mean = {
+
+def mean_metrics(folds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Average of several :func:`retrieval_metrics` results; the folds are kept under ``"folds"``."""
+    if not folds:
+        raise ValueError("mean_metrics needs at least one result")
+    mean: dict[str, Any] = {
         direction: {key: float(np.mean([f[direction][key] for f in folds])) for key in folds[0][direction]}
         for direction in ("i2t", "t2i")
     }

@@ -1,0 +1,355 @@
+"""Evaluate a model on a retrieval split: ``python -m tshsr.evaluate --model ... --dataset ...``.
+
+Both sides are encoded once; every (image, caption) pair is then scored by the full model
+(exhaustive, the paper protocol), or, with ``--rerank-k K``, two-stage: each query's K best items
+by global cosine are rescored by the full model and ranked first, the rest keep their cosine
+order. :func:`evaluate_model` is the library entry point the trainer calls every epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import DATASETS, ImageCaptionSplit, load_split
+from .metrics import fold_ranges, mean_metrics, retrieval_metrics
+
+__all__ = ["SplitScores", "encode_split", "score_split", "evaluate_model", "format_table", "main"]
+
+# The COCO "1K" protocol: five folds of 1000 images of the 5K test split.
+COCO_FOLD_SIZE = 1000
+# Pairs handed to the model at a time when rescoring shortlists.
+PAIR_BATCH = 4096
+# Pairs per exhaustive scoring call: small enough that the progress bar moves every few seconds.
+SCORE_BLOCK_PAIRS = 1 << 16
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode and no autograd for the duration; the trainer gets its training mode back."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def _bar(total: int, desc: str, unit: str, progress: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True, smoothing=0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------
+def encode_split(model, split: ImageCaptionSplit, batch_size: int = 32, text_batch_size: int = 128,
+                 progress: bool = True):
+    """Encode every image and caption of ``split`` once: ``(ImageEncoding, TextEncoding)``.
+
+    Images are read ``batch_size`` at a time, so a large split is never decoded all at once.
+    """
+    parts = []
+    with _bar(len(split), "encode images", "img", progress) as bar:
+        for start in range(0, len(split), batch_size):
+            stop = min(start + batch_size, len(split))
+            if split.regions is not None:
+                # A copy: memmapped rows are read-only, and torch warns about sharing them.
+                batch = np.array(split.regions[start:stop], dtype=np.float32)
+            else:
+                batch = split.images(range(start, stop))[:]
+            parts.append(model.encode_images(batch, batch_size=batch_size, progress=False))
+            bar.update(stop - start)
+    images = parts[0].cat(parts) if len(parts) > 1 else parts[0]
+    parts = []
+    with _bar(split.n_captions, "encode texts", "cap", progress) as bar:
+        for start in range(0, split.n_captions, text_batch_size):
+            batch = split.captions[start : start + text_batch_size]
+            parts.append(model.encode_texts(batch, batch_size=text_batch_size, progress=False))
+            bar.update(len(batch))
+    texts = parts[0].cat(parts) if len(parts) > 1 else parts[0]
+    return images, texts
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------
+class _PairScores:
+    """Full-model scores of (image, caption) pairs, each pair computed once and remembered.
+
+    The 5K and the 1K-fold protocols shortlist different pairs; remembering avoids rescoring the
+    pairs they share.
+    """
+
+    def __init__(self, score: Callable[[np.ndarray, np.ndarray], np.ndarray], n_texts: int, progress: bool):
+        self._score = score
+        self._n_texts = n_texts
+        self._progress = progress
+        self._keys = np.empty(0, dtype=np.int64)
+        self._values = np.empty(0, dtype=np.float64)
+
+    def __call__(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        keys = rows.astype(np.int64) * self._n_texts + cols.astype(np.int64)
+        wanted = np.unique(keys)
+        new = wanted[~np.isin(wanted, self._keys, assume_unique=True)]
+        if len(new):
+            values = np.empty(len(new), dtype=np.float64)
+            with _bar(len(new), "rerank", "pair", self._progress) as bar:
+                for start in range(0, len(new), PAIR_BATCH):
+                    chunk = new[start : start + PAIR_BATCH]
+                    values[start : start + len(chunk)] = self._score(chunk // self._n_texts, chunk % self._n_texts)
+                    bar.update(len(chunk))
+            keys_all = np.concatenate([self._keys, new])
+            order = np.argsort(keys_all, kind="stable")
+            self._keys = keys_all[order]
+            self._values = np.concatenate([self._values, values])[order]
+        return self._values[np.searchsorted(self._keys, keys)]
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def two_stage_matrices(
+    global_similarity: np.ndarray, rerank_k: int, full_scores: Callable[[np.ndarray, np.ndarray], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Orderings of two-stage retrieval as score matrices: ``(image_to_text, text_to_image)``.
+
+    For each image (row) its ``rerank_k`` best captions by global cosine, and for each caption
+    (column) its ``rerank_k`` best images, get their full-model score; every other pair keeps its
+    cosine, shifted below the lowest full score so that the reranked items come first. The two
+    directions shortlist different pairs, hence two matrices. ``full_scores(rows, cols)`` scores
+    pairs given by row and column index into ``global_similarity``.
+    """
+    sim = torch.from_numpy(np.ascontiguousarray(global_similarity, dtype=np.float64))
+    n_images, n_texts = sim.shape
+    k_texts, k_images = min(rerank_k, n_texts), min(rerank_k, n_images)
+    i2t_cols = torch.topk(sim, k_texts, dim=1).indices.numpy()  # [n_images, k]
+    i2t_rows = np.repeat(np.arange(n_images), k_texts)
+    i2t_cols = i2t_cols.reshape(-1)
+    t2i_rows = torch.topk(sim, k_images, dim=0).indices.numpy().reshape(-1)  # [k, n_texts] row-major
+    t2i_cols = np.tile(np.arange(n_texts), k_images)
+    i2t_full = full_scores(i2t_rows, i2t_cols)
+    t2i_full = full_scores(t2i_rows, t2i_cols)
+    floor = min(i2t_full.min(), t2i_full.min()) - 1.0
+    # Shift, not squash: cosine order is kept exactly below every reranked score.
+    low = sim.numpy() - sim.max().item() + floor
+    image_to_text = low.copy()
+    image_to_text[i2t_rows, i2t_cols] = i2t_full
+    low[t2i_rows, t2i_cols] = t2i_full
+    return image_to_text, low
+
+
+@dataclass
+class SplitScores:
+    """Everything needed to rank a split, under the exhaustive or the two-stage protocol."""
+
+    caption_image: np.ndarray
+    scores: np.ndarray | None = None  # exhaustive: full-model scores [n_images, n_captions]
+    global_similarity: np.ndarray | None = None  # two-stage: the shortlist scores
+    rerank_k: int | None = None
+    pair_scores: _PairScores | None = field(default=None, repr=False)
+
+    def matrices(self, images: slice = slice(None)) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """``(i2t_scores, t2i_scores or None, caption_image)`` for a range of images and their captions.
+
+        Two-stage shortlists are drawn among those images and captions only, as if the range were
+        the whole gallery (the 1K protocol ranks within its fold).
+        """
+        lo, hi, _ = images.indices(self._n_images())
+        columns = np.flatnonzero((self.caption_image >= lo) & (self.caption_image < hi))
+        mapping = self.caption_image[columns] - lo
+        if self.scores is not None:
+            return self.scores[lo:hi][:, columns], None, mapping
+        sub = self.global_similarity[lo:hi][:, columns]
+
+        def full(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+            return self.pair_scores(rows + lo, columns[cols])
+
+        i2t, t2i = two_stage_matrices(sub, self.rerank_k, full)
+        return i2t, t2i, mapping
+
+    def _n_images(self) -> int:
+        matrix = self.scores if self.scores is not None else self.global_similarity
+        return matrix.shape[0]
+
+    def metrics(self) -> dict[str, Any]:
+        i2t, t2i, mapping = self.matrices()
+        return retrieval_metrics(i2t, mapping, t2i)
+
+    def coco_1k(self, fold_size: int = COCO_FOLD_SIZE) -> dict[str, Any]:
+        """Mean over the folds of ``fold_size`` images (COCO 1K); the folds under ``"folds"``."""
+        folds = []
+        for lo, hi in fold_ranges(self._n_images(), fold_size):
+            i2t, t2i, mapping = self.matrices(slice(lo, hi))
+            folds.append(retrieval_metrics(i2t, mapping, t2i))
+        return mean_metrics(folds)
+
+
+def score_split(model, images, texts, caption_image: np.ndarray, rerank_k: int | None = None,
+                progress: bool = True) -> SplitScores:
+    """Score encoded images against encoded captions, exhaustively or as two-stage retrieval."""
+    caption_image = np.asarray(caption_image, dtype=np.int64)
+    n_images, n_texts = len(images), len(texts)
+    if rerank_k is None:
+        scores = np.empty((n_images, n_texts), dtype=np.float32)
+        rows = max(1, SCORE_BLOCK_PAIRS // max(n_texts, 1))
+        with _bar(n_images, "score", "img", progress) as bar:
+            for start in range(0, n_images, rows):
+                stop = min(start + rows, n_images)
+                out = model.score_encoded(images[start:stop], texts, progress=False)
+                scores[start:stop] = out.scores.float().cpu().numpy()
+                bar.update(stop - start)
+        return SplitScores(caption_image=caption_image, scores=scores)
+    if rerank_k <= 0:
+        raise ValueError(f"rerank_k must be a positive number of items, got {rerank_k}")
+    global_similarity = model.global_similarity(images, texts).double().cpu().numpy()
+
+    def full(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        out = model.score_pairs(images, texts, torch.from_numpy(rows), torch.from_numpy(cols))
+        return out.scores.double().cpu().numpy()
+
+    return SplitScores(caption_image=caption_image, global_similarity=global_similarity, rerank_k=rerank_k,
+                       pair_scores=_PairScores(full, n_texts, progress))
+
+
+def _result(metrics: dict[str, Any], split: ImageCaptionSplit, seconds: float) -> dict[str, Any]:
+    """The exact JSON schema of an evaluation (extra keys such as fold details are dropped)."""
+    return {
+        "i2t": {k: float(metrics["i2t"][k]) for k in ("r1", "r5", "r10")},
+        "t2i": {k: float(metrics["t2i"][k]) for k in ("r1", "r5", "r10")},
+        "rsum": float(metrics["rsum"]),
+        "n_images": int(len(split)),
+        "n_captions": int(split.n_captions),
+        "seconds": float(seconds),
+    }
+
+
+def evaluate_split(model, split: ImageCaptionSplit, rerank_k: int | None = None, batch_size: int = 32,
+                   progress: bool = True, coco_1k: bool = False,
+                   fold_size: int = COCO_FOLD_SIZE) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """:func:`evaluate_model` plus, with ``coco_1k``, the 1K-fold result (same schema)."""
+    start = time.perf_counter()
+    with eval_mode(model):
+        images, texts = encode_split(model, split, batch_size=batch_size, progress=progress)
+        scored = score_split(model, images, texts, split.caption_image, rerank_k=rerank_k, progress=progress)
+        result = _result(scored.metrics(), split, time.perf_counter() - start)
+        folds = None
+        if coco_1k:
+            folds = _result(scored.coco_1k(fold_size), split, time.perf_counter() - start)
+            folds["n_images"] = fold_size  # per fold
+            folds["n_captions"] = int(round(split.n_captions / (len(split) / fold_size)))
+    return result, folds
+
+
+def evaluate_model(model, split: ImageCaptionSplit, rerank_k: int | None = None, batch_size: int = 32,
+                   progress: bool = True) -> dict[str, Any]:
+    """Retrieval metrics of ``model`` on ``split``.
+
+    Returns ``{"i2t": {"r1", "r5", "r10"}, "t2i": {...}, "rsum", "n_images", "n_captions",
+    "seconds"}`` (recalls in percent). The model's training mode is restored afterwards.
+    """
+    return evaluate_split(model, split, rerank_k=rerank_k, batch_size=batch_size, progress=progress)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def format_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """A paper-style results table (recalls in percent)."""
+    lines = [
+        title,
+        f"{'':<12}{'Image-to-text':^24}  {'Text-to-image':^24}",
+        f"{'':<12}{'R@1':>8}{'R@5':>8}{'R@10':>8}  {'R@1':>8}{'R@5':>8}{'R@10':>8}{'RSUM':>9}",
+    ]
+    for name, m in rows:
+        cells = [m["i2t"]["r1"], m["i2t"]["r5"], m["i2t"]["r10"]]
+        cells2 = [m["t2i"]["r1"], m["t2i"]["r5"], m["t2i"]["r10"]]
+        lines.append(
+            f"{name:<12}" + "".join(f"{v:8.1f}" for v in cells) + "  " + "".join(f"{v:8.1f}" for v in cells2)
+            + f"{m['rsum']:9.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tshsr.evaluate",
+        description="Image-text retrieval metrics (R@1/5/10 both ways, RSUM) of a TSHSR model on a split.",
+    )
+    parser.add_argument("--model", required=True, help="checkpoint folder or Hugging Face Hub id")
+    parser.add_argument("--dataset", required=True, choices=list(DATASETS))
+    parser.add_argument("--data-dir", default=None, help="dataset folder (imagefolder, save_to_disk or precomp)")
+    parser.add_argument("--image-root", default=None, help="COCO: folder holding train2014/ and val2014/")
+    parser.add_argument("--split", default=None,
+                        help="split to evaluate (default: validation for imagefolder/flickr8k, else test)")
+    parser.add_argument("--output", default="metrics.json", help="where to write the metrics JSON")
+    parser.add_argument("--rerank-k", type=int, default=None,
+                        help="two-stage: rerank each query's K best by global cosine (default: exhaustive)")
+    parser.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
+    parser.add_argument("--batch-size", type=int, default=32, help="images encoded at a time")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--coco-1k", action="store_true",
+                        help="also report the 1K-fold mean (automatic for --dataset coco --split test)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .model import TSHSRModel
+
+    split_name = args.split or ("validation" if args.dataset in ("imagefolder", "flickr8k") else "test")
+    device = args.device or _default_device()
+    progress = not args.no_progress
+    split = load_split(args.dataset, split_name, data_dir=args.data_dir, image_root=args.image_root,
+                       max_images=args.max_images)
+    model = TSHSRModel.from_pretrained(args.model, map_location=device)
+    want_1k = args.coco_1k or (args.dataset == "coco" and split_name == "test")
+    can_1k = len(split) >= COCO_FOLD_SIZE and len(split) % COCO_FOLD_SIZE == 0
+    if want_1k and not can_1k:
+        print(f"note: no 1K folds: {len(split)} images is not a multiple of {COCO_FOLD_SIZE}", file=sys.stderr)
+    result, folds = evaluate_split(model, split, rerank_k=args.rerank_k, batch_size=args.batch_size,
+                                   progress=progress, coco_1k=want_1k and can_1k, fold_size=COCO_FOLD_SIZE)
+    protocol = "exhaustive" if args.rerank_k is None else f"two-stage, rerank top {args.rerank_k}"
+    title = (f"{args.model} on {split.name}: {result['n_images']} images, {result['n_captions']} captions "
+             f"({protocol}, {device}), {result['seconds']:.1f} s")
+    n = len(split)
+    label = f"{n // 1000}K" if n >= 1000 and n % 1000 == 0 else f"{n} images"
+    rows = [(label, result)]
+    if folds is not None:
+        rows.append((f"{COCO_FOLD_SIZE} x {n // COCO_FOLD_SIZE}" if COCO_FOLD_SIZE != 1000 else f"1K ({n // 1000}-fold)",
+                     folds))
+    print(format_table(title, rows))
+    output = Path(args.output)
+    _write_json(output, result)
+    written = [str(output)]
+    if folds is not None:
+        folds_path = output.with_name(f"{output.stem}_1k{output.suffix or '.json'}")
+        _write_json(folds_path, folds)
+        written.append(str(folds_path))
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
