@@ -169,9 +169,12 @@ class SplitScores:
         lo, hi, _ = images.indices(self._n_images())
         columns = np.flatnonzero((self.caption_image >= lo) & (self.caption_image < hi))
         mapping = self.caption_image[columns] - lo
+        matrix = self.scores if self.scores is not None else self.global_similarity
+        # The whole split needs no copy (the COCO 5K matrix is 0.5-1 GB).
+        whole = lo == 0 and hi == matrix.shape[0] and len(columns) == matrix.shape[1]
+        sub = matrix if whole else matrix[lo:hi][:, columns]
         if self.scores is not None:
-            return self.scores[lo:hi][:, columns], None, mapping
-        sub = self.global_similarity[lo:hi][:, columns]
+            return sub, None, mapping
 
         def full(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
             return self.pair_scores(rows + lo, columns[cols])
