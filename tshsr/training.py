@@ -311,8 +311,7 @@ def write_model_card(directory: Path, args: TrainArgs, metrics: dict | None, his
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def validate(model: TSHSRModel, source: BatchSource, rerank_k: int | None, device, progress: bool) -> dict:
-    from .metrics import retrieval_metrics
-    from .scoring import score_matrix
+    from .evaluate import score_split
 
     model.eval()
     split = source.split
@@ -327,8 +326,7 @@ def validate(model: TSHSRModel, source: BatchSource, rerank_k: int | None, devic
 
     images, texts = ImageEncoding.cat(img_parts), TextEncoding.cat(txt_parts)
     t0 = time.time()
-    scores = score_matrix(model, images, texts, rerank_k=rerank_k, progress=progress)
-    metrics = retrieval_metrics(scores.float().cpu().numpy(), np.asarray(split.caption_image))
+    metrics = score_split(model, images, texts, split.caption_image, rerank_k=rerank_k, progress=progress).metrics()
     metrics.update(n_images=len(split), n_captions=len(split.captions), seconds=round(time.time() - t0, 2),
                    protocol="exhaustive" if rerank_k is None else f"global shortlist + rerank top-{rerank_k}")
     model.train()
