@@ -133,8 +133,14 @@ class BatchSource:
             from .features import cache_features
 
             images = split.regions if split.regions is not None else split.images()
-            self.cached = cache_features(model, images, split.captions, split.image_ids, split.caption_image,
-                                         cache_dir, progress=progress)
+            rank, world = _dist_info()
+            # One process writes the cache; the others wait and then open the finished entry.
+            for turn in ([0, 1] if world > 1 else [0]):
+                if (rank == 0) == (turn == 0):
+                    self.cached = cache_features(model, images, split.captions, split.image_ids,
+                                                 split.caption_image, cache_dir, progress=progress and rank == 0)
+                if world > 1:
+                    dist.barrier()
 
     def images(self, index, device):
         if self.live_images:
@@ -378,6 +384,11 @@ def run(args: TrainArgs) -> Path:
         if main:
             print(f"Resumed from {checkpoint}: epoch {state['epoch']}, step {state['global_step']}", flush=True)
 
+    if world > 1:  # every process starts from rank 0's weights (inits differ: seeds are per rank)
+        with torch.no_grad():
+            for tensor in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(tensor, 0)
+
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -438,7 +449,10 @@ def run(args: TrainArgs) -> Path:
             state["global_step"] += 1
             pairs_seen += int(parts.get("pairs", torch.tensor(0.0)).item()) or len(captions) * len(unique)
             bar.update(1)
-            if main and (state["global_step"] % args.log_every == 0 or state["step_in_epoch"] == steps_per_epoch):
+            if args.max_steps is not None and state["global_step"] >= args.max_steps:
+                done = True
+            if main and (state["global_step"] % args.log_every == 0 or state["step_in_epoch"] == steps_per_epoch
+                         or done):
                 elapsed = max(time.time() - t_last, 1e-6)
                 record = {"epoch": epoch + 1, "step": state["global_step"], "loss": round(loss.item(), 5),
                           **{k: round(float(v.detach()), 5) for k, v in parts.items()},
@@ -447,8 +461,6 @@ def run(args: TrainArgs) -> Path:
                 _log(log_path, record)
                 bar.set_postfix(loss=f"{loss.item():.4f}", pairs_s=f"{record['pairs_per_s']:.0f}")
                 t_last, pairs_seen = time.time(), 0
-            if args.max_steps is not None and state["global_step"] >= args.max_steps:
-                done = True
             if main and (state["global_step"] % args.checkpoint_every == 0 or done):
                 snapshot()
             if done:

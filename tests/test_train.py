@@ -1,0 +1,192 @@
+"""The trainer end to end: tiny runs through the same `train.py` users run.
+
+Most runs use a SCAN-style precomputed folder (random 16-d "regions") and the BiGRU text encoder,
+so no pretrained weights are needed and a run takes seconds; one run uses real Flickr8k photos
+and the pretrained backbones when ../shared/data/flickr8k is present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
+WORDS = ["red", "blue", "green", "yellow", "cat", "dog", "car", "boat", "small", "big"]
+
+
+def make_precomp(root: Path, n_train: int = 48, n_dev: int = 12, nan_image: int | None = None) -> Path:
+    """Images whose region features encode a colour and an object, captions that name them."""
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(len(WORDS), 16)).astype(np.float32)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        ims, caps = [], []
+        for i in range(n):
+            colour, obj, size = rng.integers(0, 4), rng.integers(4, 8), rng.integers(8, 10)
+            regions = rng.normal(scale=0.3, size=(5, 16)).astype(np.float32)
+            regions[0] += basis[colour]
+            regions[1] += basis[obj]
+            regions[2] += basis[size]
+            ims.append(regions)
+            for j in range(5):
+                caps.append(f"a {WORDS[size]} {WORDS[colour]} {WORDS[obj]}" + (" here" if j % 2 else ""))
+        ims = np.stack(ims)
+        if nan_image is not None and split == "train":
+            ims[nan_image] = np.nan
+        np.save(root / f"{split}_ims.npy", ims)
+        (root / f"{split}_caps.txt").write_text("\n".join(caps) + "\n")
+    return root
+
+
+def train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), "--dataset", "precomp", "--data-dir", str(data),
+            "--split-val", "dev", "--image-feature-dim", "16", "--text-encoder", "bigru",
+            "--embed-dim", "32", "--sim-dim", "16", "--batch-size", "8", "--output-dir", str(out),
+            "--cache-dir", str(out.parent / "cache"), "--no-progress", "--val-rerank-k", "0",
+            "--threads", "1", *extra]
+
+
+def run(cmd, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def steps_logged(out: Path) -> list[int]:
+    lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
+    return [r["step"] for r in map(json.loads, lines) if "step" in r]
+
+
+@pytest.fixture()
+def data(tmp_path):
+    folder = tmp_path / "precomp"
+    folder.mkdir()
+    return make_precomp(folder)
+
+
+def test_tiny_run_trains_validates_and_loads(data, tmp_path):
+    out = tmp_path / "run"
+    result = run(train_cmd(data, out, "--epochs", "3", "--preset", "tshsr", "--log-every", "1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 3 * (48 * 5 // 8)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])  # it learns
+    validations = [r["validation"] for r in records if "validation" in r]
+    assert len(validations) == 3 and all(0 <= v["rsum"] <= 600 for v in validations)
+    from tshsr import TSHSRModel
+
+    model = TSHSRModel.from_pretrained(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rsum"] == max(v["rsum"] for v in validations)  # the best epoch is the one kept
+    assert (out / "vocab.json").exists() and "RSUM" in (out / "README.md").read_text()
+    regions = np.load(data / "dev_ims.npy")[:3]
+    out_scores = model.score(regions, ["a big red cat", "a small blue boat"])
+    assert out_scores.scores.shape == (3, 2)
+
+
+def test_refuses_to_overwrite_a_run_without_resume(data, tmp_path):
+    out = tmp_path / "run"
+    assert run(train_cmd(data, out, "--max-steps", "2", "--checkpoint-every", "1")).returncode == 0
+    again = run(train_cmd(data, out, "--max-steps", "2"))
+    assert again.returncode != 0 and "--resume" in again.stderr
+
+
+def test_kill_9_then_resume_loses_no_checkpointed_step(data, tmp_path):
+    """SIGKILL mid-run, then --resume: training continues at the last checkpoint and ends with
+    exactly the weights of an uninterrupted run."""
+    steps = ["--epochs", "8", "--checkpoint-every", "3", "--log-every", "1"]
+    reference = tmp_path / "reference"
+    assert run(train_cmd(data, reference, *steps)).returncode == 0
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(train_cmd(data, out, *steps), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(s >= 40 for s in steps_logged(out)):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(steps_logged(out))
+    assert killed_at < 8 * 30, "the run finished before it could be killed"
+    state = torch.load(out / "checkpoint" / "training_state.pt", weights_only=True)["state"]
+    assert killed_at - state["global_step"] < 3 + 1  # at most one checkpoint interval lost
+
+    resumed = run(train_cmd(data, out, *steps, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stdout
+    logged = steps_logged(out)
+    assert set(range(1, 8 * 30 + 1)) <= set(logged)  # every step ran
+    final = load_file(str(out / "checkpoint" / "weights.safetensors"))
+    expected = load_file(str(reference / "checkpoint" / "weights.safetensors"))
+    assert final.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(final[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    folder = tmp_path / "precomp"
+    folder.mkdir()
+    data = make_precomp(folder, nan_image=30)
+    out = tmp_path / "run"
+    result = run(train_cmd(data, out, "--epochs", "2", "--checkpoint-every", "1"))
+    assert result.returncode == 3
+    assert "Loss became nan" in result.stderr and "last good checkpoint" in result.stderr
+    weights = load_file(str(out / "checkpoint" / "weights.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_failed_push_keeps_local_model(data, tmp_path):
+    out = tmp_path / "run"
+    result = run(train_cmd(data, out, "--max-steps", "2", "--push-to-hub", "nobody/tshsr-test"))
+    assert result.returncode == 4
+    assert "push to the Hub" in result.stderr and "kept in" in result.stderr
+    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+
+
+def test_two_process_gloo_matches_gradients(data, tmp_path):
+    """torchrun with 2 CPU processes (gloo): both ranks end with identical weights."""
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside this Python")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port), *train_cmd(data, out, "--epochs", "1")[1:]]
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert max(steps_logged(out)) == 48 * 5 // (8 * 2)  # the epoch is split over the two ranks
+    from tshsr import TSHSRModel
+
+    TSHSRModel.from_pretrained(out)
+
+
+@pytest.mark.skipif(not FLICKR8K.is_dir(), reason="../shared/data/flickr8k is not present")
+def test_flickr8k_smoke_with_pretrained_backbones(tmp_path):
+    out = tmp_path / "f8k"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", "flickr8k", "--data-dir", str(FLICKR8K),
+           "--max-train-images", "12", "--max-val-images", "8", "--batch-size", "8", "--max-steps", "3",
+           "--epochs", "1", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert steps_logged(out)[-1] == 3
+    from tshsr import TSHSRModel
+    from tshsr.data import load_split
+
+    model = TSHSRModel.from_pretrained(out)
+    split = load_split("imagefolder", "validation", data_dir=str(FLICKR8K), max_images=2)
+    scores = model.score(split.images(), split.captions[:3]).scores
+    assert scores.shape == (2, 3) and torch.isfinite(scores).all()
