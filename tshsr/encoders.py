@@ -212,7 +212,18 @@ class TransformersTextBackbone(nn.Module):
 
     def forward(self, input_ids, attention_mask, word_mask):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return hidden, word_mask.bool()
+        return compact_units(hidden, word_mask.bool())
+
+
+def compact_units(features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move the valid units of each row to the front (dropping [CLS]/[SEP] slots), so that unit j
+    is the j-th word: attention maps then line up with the caption's words."""
+    counts = mask.sum(1)
+    width = max(1, int(counts.max()))
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
+    compact = torch.gather(features, 1, order.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+    new_mask = torch.arange(width, device=mask.device).unsqueeze(0) < counts.unsqueeze(1)
+    return compact * new_mask.unsqueeze(-1), new_mask
 
 
 class BiGRUTextBackbone(nn.Module):

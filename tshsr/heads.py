@@ -33,13 +33,13 @@ def cross_attention(
     A = LeakyReLU_0.1(Q K^T); each key's column is L2-normalised over the queries (SCAN's
     "clipped l2norm"), weights = softmax over keys of (smooth * A); the attended vector is
     L2-normalised. Returns (attended [P, nq, D], weights [P, nq, nk]); weights of a valid query
-    sum to one over the valid keys.
+    sum to one over the valid keys; rows of padded queries are zero.
     """
     affinity = F.leaky_relu(torch.bmm(queries, keys.transpose(1, 2)), 0.1)
     affinity = affinity * query_mask.unsqueeze(2)
     if normalize_over_queries:
         affinity = l2norm(affinity, dim=1)
-    weights = masked_softmax(smooth * affinity, key_mask.unsqueeze(1), dim=2)
+    weights = masked_softmax(smooth * affinity, key_mask.unsqueeze(1), dim=2) * query_mask.unsqueeze(2)
     return l2norm(torch.bmm(weights, keys)), weights
 
 
