@@ -190,3 +190,44 @@ def test_flickr8k_smoke_with_pretrained_backbones(tmp_path):
     split = load_split("imagefolder", "validation", data_dir=str(FLICKR8K), max_images=2)
     scores = model.score(split.images(), split.captions[:3]).scores
     assert scores.shape == (2, 3) and torch.isfinite(scores).all()
+
+
+def test_crash_during_checkpoint_save_keeps_a_complete_checkpoint(tmp_path, monkeypatch):
+    """A crash at any point of save_checkpoint leaves a complete checkpoint that --resume finds."""
+    from tshsr import TSHSRConfig, TSHSRModel, Vocabulary
+    from tshsr import training
+
+    vocab = Vocabulary(WORDS)
+    cfg = TSHSRConfig.preset("tshsr", image_encoder="precomputed", image_feature_dim=16, text_encoder="bigru",
+                             vocab_size=len(vocab), embed_dim=32, sim_dim=16)
+    model = TSHSRModel(cfg, vocabulary=vocab)
+    optimizer = torch.optim.Adam(model.parameters())
+    target = tmp_path / "checkpoint"
+    training.save_checkpoint(target, model, optimizer, {"global_step": 10})
+    first = load_file(str(target / "weights.safetensors"))
+
+    real_replace = os.replace
+    for crash_at in (0, 1):  # before the old folder is moved aside / before the new one is moved in
+        calls = {"n": 0}
+
+        def flaky_replace(src, dst, _crash_at=crash_at):
+            if calls["n"] == _crash_at:
+                raise OSError("simulated crash")
+            calls["n"] += 1
+            return real_replace(src, dst)
+
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        monkeypatch.setattr(training.os, "replace", flaky_replace)
+        with pytest.raises(OSError):
+            training.save_checkpoint(target, model, optimizer, {"global_step": 20})
+        monkeypatch.setattr(training.os, "replace", real_replace)
+        found = training.find_checkpoint(tmp_path)
+        assert found is not None
+        state = torch.load(found / "training_state.pt", weights_only=True)["state"]
+        assert state["global_step"] == 10
+        weights = load_file(str(found / "weights.safetensors"))
+        assert all(torch.equal(weights[k], first[k]) for k in first)
+        if found.name != "checkpoint":  # restore the layout for the next round
+            real_replace(found, target)
