@@ -43,6 +43,31 @@ def cross_attention(
     return l2norm(torch.bmm(weights, keys)), weights
 
 
+def cross_attention_grid(
+    queries: torch.Tensor, query_mask: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
+    smooth: float, queries_are_images: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cross_attention` for every (query item, key item) combination at once.
+
+    queries [Bq, nq, D] and keys [Bk, nk, D] hold per-item units; the result is laid out
+    image-major, [n_images, n_texts, nq, D] and [n_images, n_texts, nq, nk], whichever side the
+    queries come from. One large matrix product gives all affinities and one batched product per
+    key item gives all attended vectors, instead of a small product per pair.
+    """
+    Bq, nq, D = queries.shape
+    Bk, nk, _ = keys.shape
+    raw = (queries.reshape(Bq * nq, D) @ keys.reshape(Bk * nk, D).T).view(Bq, nq, Bk, nk)
+    affinity = F.leaky_relu(raw.permute(2, 0, 1, 3), 0.1)  # [Bk, Bq, nq, nk]
+    qmask = query_mask.view(1, Bq, nq, 1)
+    affinity = l2norm(affinity * qmask, dim=2)
+    weights = masked_softmax(smooth * affinity, key_mask.view(Bk, 1, 1, nk), dim=3) * qmask
+    attended = torch.bmm(weights.reshape(Bk, Bq * nq, nk), keys).view(Bk, Bq, nq, D)
+    attended = l2norm(attended)
+    if queries_are_images:  # key items are texts: put images first
+        return attended.transpose(0, 1), weights.transpose(0, 1)
+    return attended, weights
+
+
 class SimilarityNodes(nn.Module):
     """Similarity vector of two aligned vectors: l2norm(W (x - y)^2), as in SGRAF."""
 
@@ -161,28 +186,59 @@ class StreamHead(nn.Module):
     def level_weights(self) -> torch.Tensor:
         return torch.softmax(self.level_logits, 0)
 
-    def forward(self, q, k, cosine, want_maps: bool = False):
-        """q, k: dicts of per-pair tensors (units, mask, pooled, context, membership).
-        Returns ({level: score [P]}, maps)."""
+    def forward(self, q, k, cosine, want_maps: bool = False, grid: tuple[int, int] | None = None):
+        """q, k: dicts (units, mask, pooled, context, membership) of the query and key sides.
+
+        Pair mode (``grid=None``): tensors have a leading pair axis P. Grid mode
+        (``grid=(n_images, n_texts)``): tensors hold per-item values and every image is paired
+        with every text, image-major (P = n_images x n_texts). Returns ({level: score [P]}, maps).
+        """
         maps = {}
-        attended, weights = cross_attention(q["units"], q["mask"], k["units"], k["mask"], self.smooth)
-        local = self.local_nodes(attended, q["units"]) * q["mask"].unsqueeze(-1)
-        glob = self.global_nodes(k["pooled"], q["pooled"])
-        context = membership = None
-        if "context" in self.levels:
-            ctx_attended, ctx_weights = cross_attention(
-                q["context"], torch.ones_like(q["context"][..., 0], dtype=torch.bool),
-                k["units"], k["mask"], self.smooth,
-            )
-            context = self.context_nodes(ctx_attended, q["context"])
-            membership = q["membership"]
-            if want_maps:
-                maps["context_attention"] = ctx_weights
-                maps["context_membership"] = membership
-        local, context, glob = self.reasoning(local, q["mask"], context, membership, glob)
+        ctx_mask = None if q.get("context") is None else torch.ones_like(q["context"][..., 0], dtype=torch.bool)
+        if grid is None:
+            attended, weights = cross_attention(q["units"], q["mask"], k["units"], k["mask"], self.smooth)
+            local = self.local_nodes(attended, q["units"])
+            query_mask = q["mask"]
+            glob = self.global_nodes(k["pooled"], q["pooled"])
+            membership = q.get("membership")
+            if "context" in self.levels:
+                ctx_attended, ctx_weights = cross_attention(q["context"], ctx_mask, k["units"], k["mask"], self.smooth)
+                context = self.context_nodes(ctx_attended, q["context"])
+        else:
+            images_first = self.stream == "i2t"
+            n_pairs = grid[0] * grid[1]
+
+            def per_pair(t):  # a per-item query-side tensor, broadcast to [n_images, n_texts, ...]
+                t = t.unsqueeze(1) if images_first else t.unsqueeze(0)
+                return t.expand(grid[0], grid[1], *t.shape[2:])
+
+            def key_side(t):
+                return t.unsqueeze(0) if images_first else t.unsqueeze(1)
+
+            attended, weights = cross_attention_grid(q["units"], q["mask"], k["units"], k["mask"], self.smooth,
+                                                     images_first)
+            local = self.local_nodes(attended, per_pair(q["units"])).reshape(n_pairs, *attended.shape[2:3], -1)
+            weights = weights.reshape(n_pairs, *weights.shape[2:])
+            query_mask = per_pair(q["mask"]).reshape(n_pairs, -1)
+            glob = self.global_nodes(key_side(k["pooled"]), per_pair(q["pooled"])).reshape(n_pairs, -1)
+            membership = None if q.get("membership") is None else per_pair(q["membership"]).reshape(
+                n_pairs, *q["membership"].shape[1:])
+            if "context" in self.levels:
+                ctx_attended, ctx_weights = cross_attention_grid(q["context"], ctx_mask, k["units"], k["mask"],
+                                                                 self.smooth, images_first)
+                context = self.context_nodes(ctx_attended, per_pair(q["context"]))
+                context = context.reshape(n_pairs, *context.shape[2:])
+                ctx_weights = ctx_weights.reshape(n_pairs, *ctx_weights.shape[2:])
+        local = local * query_mask.unsqueeze(-1)
+        if "context" not in self.levels:
+            context = membership = None
+        elif want_maps:
+            maps["context_attention"] = ctx_weights
+            maps["context_membership"] = membership
+        local, context, glob = self.reasoning(local, query_mask, context, membership, glob)
 
         scores = {}
-        scores["local"], alpha = self.local_readout(local, q["mask"])
+        scores["local"], alpha = self.local_readout(local, query_mask)
         if "context" in self.levels:
             ones = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
             scores["context"], _ = self.context_readout(context, ones)
@@ -230,16 +286,27 @@ class SGRAFHead(nn.Module):
             self.filter = nn.Linear(m, 1)
             self.filter_norm = nn.BatchNorm1d(1)
 
-    def nodes(self, text, image):
-        attended, weights = cross_attention(text["units"], text["mask"], image["units"], image["mask"], self.smooth)
-        local = self.local_nodes(attended, text["units"])
-        glob = self.global_nodes(image["pooled"], text["pooled"])
+    def nodes(self, text, image, grid: tuple[int, int] | None = None):
+        if grid is None:
+            attended, weights = cross_attention(text["units"], text["mask"], image["units"], image["mask"],
+                                                self.smooth)
+            local = self.local_nodes(attended, text["units"])
+            glob = self.global_nodes(image["pooled"], text["pooled"])
+            text_mask = text["mask"]
+        else:  # every image with every text, image-major
+            n_pairs = grid[0] * grid[1]
+            attended, weights = cross_attention_grid(text["units"], text["mask"], image["units"], image["mask"],
+                                                     self.smooth, queries_are_images=False)
+            local = self.local_nodes(attended, text["units"].unsqueeze(0)).reshape(n_pairs, attended.shape[2], -1)
+            weights = weights.reshape(n_pairs, *weights.shape[2:])
+            glob = self.global_nodes(image["pooled"].unsqueeze(1), text["pooled"].unsqueeze(0)).reshape(n_pairs, -1)
+            text_mask = text["mask"].unsqueeze(0).expand(grid[0], -1, -1).reshape(n_pairs, -1)
         nodes = torch.cat([glob.unsqueeze(1), local], 1)
-        mask = torch.cat([torch.ones_like(text["mask"][:, :1]), text["mask"]], 1)
+        mask = torch.cat([torch.ones_like(text_mask[:, :1]), text_mask], 1)
         return nodes * mask.unsqueeze(-1), mask, weights
 
-    def forward(self, text, image, want_maps: bool = False):
-        nodes, mask, weights = self.nodes(text, image)
+    def forward(self, text, image, want_maps: bool = False, grid: tuple[int, int] | None = None):
+        nodes, mask, weights = self.nodes(text, image, grid)
         maps = {"attention": weights} if want_maps else {}
         if self.kind == "sgr":
             for step in self.steps:

@@ -344,6 +344,7 @@ class TSHSRModel(
 
     def score_pairs(self, images: Encoding, texts: Encoding, image_index, text_index,
                     return_attention: bool = False) -> TSHSROutput:
+        """Scores of explicit pairs (image_index[p], text_index[p]): ``.scores`` is [P]."""
         image_index = torch.as_tensor(image_index, dtype=torch.long, device=images.device)
         text_index = torch.as_tensor(text_index, dtype=torch.long, device=texts.device)
         if image_index.shape != text_index.shape or image_index.dim() != 1:
@@ -351,9 +352,20 @@ class TSHSRModel(
         img = _gather(images, image_index)
         txt = _gather(texts, text_index)
         cosine = (img["embedding"] * txt["embedding"]).sum(-1)
+        return self._run_heads(img, txt, cosine, return_attention, grid=None)
+
+    def score_grid(self, images: Encoding, texts: Encoding, return_attention: bool = False) -> TSHSROutput:
+        """Every image against every text in one pass: ``.scores`` is [n_images * n_texts],
+        image-major. Same values as :meth:`score_pairs` on the same pairs, computed with large
+        matrix products instead of one small product per pair (the exhaustive-scoring path)."""
+        img, txt = _fields(images), _fields(texts)
+        cosine = (images.embedding @ texts.embedding.T).reshape(-1)
+        return self._run_heads(img, txt, cosine, return_attention, grid=(len(images), len(texts)))
+
+    def _run_heads(self, img: dict, txt: dict, cosine: torch.Tensor, return_attention: bool,
+                   grid: tuple[int, int] | None) -> TSHSROutput:
         cfg = self.config
         contributions, level_scores, weights, stream_scores, maps = {}, {}, {}, {}, {}
-
         if cfg.head == "dual":
             contributions["dual/global"] = cosine
             level_scores["dual/global"] = cosine
@@ -361,7 +373,7 @@ class TSHSRModel(
             stream_scores["dual"] = cosine
         elif cfg.head in ("sgr", "saf"):
             (key,) = cfg.contribution_keys
-            score, stream_maps = self.sgraf(txt, img, want_maps=return_attention)
+            score, stream_maps = self.sgraf(txt, img, want_maps=return_attention, grid=grid)
             contributions[key] = level_scores[key] = stream_scores["t2i"] = score
             weights[key] = 1.0
             maps["t2i"] = stream_maps
@@ -369,7 +381,7 @@ class TSHSRModel(
             fusion = self.stream_weights()
             for stream, head in self.streams.items():
                 q, k = (img, txt) if stream == "i2t" else (txt, img)
-                levels, stream_maps = head(q, k, cosine, want_maps=return_attention)
+                levels, stream_maps = head(q, k, cosine, want_maps=return_attention, grid=grid)
                 level_w = head.level_weights()
                 total = 0
                 for j, (level, value) in enumerate(levels.items()):
@@ -407,9 +419,7 @@ class TSHSRModel(
         for i0, t0 in tqdm(blocks, desc="score", disable=not progress, unit="block"):
             ii = torch.arange(i0, min(i0 + bi, ni), device=device)
             tt = torch.arange(t0, min(t0 + bt, nt), device=device)
-            pi = ii.repeat_interleave(len(tt))
-            pt = tt.repeat(len(ii))
-            out = self.score_pairs(images, texts, pi, pt, return_attention=return_attention)
+            out = self.score_grid(images[i0:i0 + bi], texts[t0:t0 + bt], return_attention=return_attention)
             shape = (len(ii), len(tt))
             scores[ii[:, None], tt[None, :]] = out.scores.view(shape)
             cosine[ii[:, None], tt[None, :]] = out.global_similarity.view(shape)
@@ -566,6 +576,10 @@ class TSHSRModel(
 
 
 # ----------------------------------------------------------------------------------------------
+def _fields(encoding: Encoding) -> dict[str, torch.Tensor]:
+    return {f.name: getattr(encoding, f.name) for f in fields(encoding) if getattr(encoding, f.name) is not None}
+
+
 def _gather(encoding: Encoding, index: torch.Tensor) -> dict[str, torch.Tensor]:
     return {f.name: getattr(encoding, f.name)[index] for f in fields(encoding) if getattr(encoding, f.name) is not None}
 
