@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Query latency of gallery search, exhaustive vs two-stage (global shortlist + rerank top-K),
+on the Flickr8k validation split used as a 1,000-image / 5,000-caption gallery.
+
+    python benchmarks/query_latency.py [--model checkpoints/tshsr-flickr8k] [--rerank-k 20]
+        [--queries 200] [--write-results]
+
+Both galleries are encoded once (as in the app); each query is then timed end to end (query
+encoding, shortlist, full-model scoring, sort). Recall is measured on the same queries under
+both settings: for a caption query, its image; for an image query, any of its 5 captions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from tshsr import TSHSRModel  # noqa: E402
+from tshsr.data import load_split  # noqa: E402
+from tshsr.retrieval import GalleryIndex  # noqa: E402
+
+
+def percentile(values, q):
+    return float(np.percentile(np.asarray(values) * 1000, q))
+
+
+def run_queries(index: GalleryIndex, queries, relevant, rerank_k, top_k=10):
+    times, hits = [], {1: 0, 5: 0, 10: 0}
+    for query, good in zip(queries, relevant):
+        start = time.perf_counter()
+        result = index.search(query, top_k=top_k, rerank_k=rerank_k)
+        times.append(time.perf_counter() - start)
+        ranked = [h.id for h in result]
+        for k in hits:
+            hits[k] += any(r in good for r in ranked[:k])
+    n = len(queries)
+    return {"p50_ms": round(percentile(times, 50), 1), "p95_ms": round(percentile(times, 95), 1),
+            **{f"r{k}": round(100 * v / n, 2) for k, v in hits.items()}}
+
+
+@torch.no_grad()
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(ROOT / "checkpoints" / "tshsr-flickr8k"))
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
+    p.add_argument("--rerank-k", type=int, default=20)
+    p.add_argument("--queries", type=int, default=200, help="queries per direction")
+    p.add_argument("--write-results", action="store_true")
+    args = p.parse_args()
+    model = TSHSRModel.from_pretrained(args.model).eval()
+    split = load_split("imagefolder", "validation", data_dir=args.data_dir)
+    images = GalleryIndex(model, "images")
+    images.add(split.images(), ids=split.image_ids, progress=True)
+    texts = GalleryIndex(model, "texts")
+    texts.add(split.captions, ids=[str(i) for i in range(len(split.captions))], progress=True)
+
+    rng = np.random.default_rng(0)
+    caption_queries = rng.choice(len(split.captions), size=min(args.queries, len(split.captions)), replace=False)
+    image_queries = rng.choice(len(split), size=min(args.queries, len(split)), replace=False)
+    t2i_q = [split.captions[c] for c in caption_queries]
+    t2i_rel = [{split.image_ids[split.caption_image[c]]} for c in caption_queries]
+    all_images = split.images()
+    i2t_q = [all_images[int(i)] for i in image_queries]
+    i2t_rel = [{str(c) for c in np.flatnonzero(np.asarray(split.caption_image) == i)} for i in image_queries]
+
+    results = {}
+    for name, index, queries, relevant in (("text-to-image", images, t2i_q, t2i_rel),
+                                           ("image-to-text", texts, i2t_q, i2t_rel)):
+        index.search(queries[0], top_k=10, rerank_k=args.rerank_k)  # warm-up
+        results[name] = {"exhaustive": run_queries(index, queries, relevant, None),
+                         f"rerank-{args.rerank_k}": run_queries(index, queries, relevant, args.rerank_k)}
+        print(name, json.dumps(results[name]), flush=True)
+
+    if args.write_results:
+        from results_md import git_commit, machine, write_section
+
+        lines = ["## Query latency: exhaustive vs shortlist + rerank", "",
+                 f"Machine: {machine()}. Commit {git_commit()}. "
+                 f"`python benchmarks/query_latency.py --rerank-k {args.rerank_k} --queries {args.queries} "
+                 "--write-results` on the default model; gallery = Flickr8k validation (1,000 images, 5,000 "
+                 "captions) encoded once; per-query time includes encoding the query. Recalls over the same "
+                 f"{args.queries} queries per direction. Target: rerank p50 < 200 ms with R@10 within 0.5 of "
+                 "exhaustive.", "",
+                 "| direction | mode | p50 ms | p95 ms | R@1 | R@5 | R@10 |", "|---|---|---|---|---|---|---|"]
+        for name, modes in results.items():
+            for mode, r in modes.items():
+                lines.append(f"| {name} | {mode} | {r['p50_ms']} | {r['p95_ms']} | {r['r1']} | {r['r5']} | {r['r10']} |")
+        write_section("query_latency", "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
