@@ -20,32 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tshsr.testing import WORDS, make_precomp
+
 ROOT = Path(__file__).resolve().parents[1]
 FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
-WORDS = ["red", "blue", "green", "yellow", "cat", "dog", "car", "boat", "small", "big"]
-
-
-def make_precomp(root: Path, n_train: int = 48, n_dev: int = 12, nan_image: int | None = None) -> Path:
-    """Images whose region features encode a colour and an object, captions that name them."""
-    rng = np.random.default_rng(0)
-    basis = rng.normal(size=(len(WORDS), 16)).astype(np.float32)
-    for split, n in (("train", n_train), ("dev", n_dev)):
-        ims, caps = [], []
-        for i in range(n):
-            colour, obj, size = rng.integers(0, 4), rng.integers(4, 8), rng.integers(8, 10)
-            regions = rng.normal(scale=0.3, size=(5, 16)).astype(np.float32)
-            regions[0] += basis[colour]
-            regions[1] += basis[obj]
-            regions[2] += basis[size]
-            ims.append(regions)
-            for j in range(5):
-                caps.append(f"a {WORDS[size]} {WORDS[colour]} {WORDS[obj]}" + (" here" if j % 2 else ""))
-        ims = np.stack(ims)
-        if nan_image is not None and split == "train":
-            ims[nan_image] = np.nan
-        np.save(root / f"{split}_ims.npy", ims)
-        (root / f"{split}_caps.txt").write_text("\n".join(caps) + "\n")
-    return root
 
 
 def train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
