@@ -52,6 +52,8 @@ def parse_args(argv=None):
     g.add_argument("--finetune-image", action="store_true")
     g.add_argument("--text-lr-mult", type=float, default=d.text_lr_mult)
     g.add_argument("--image-lr-mult", type=float, default=d.image_lr_mult)
+    g.add_argument("--fusion-lr-mult", type=float, default=d.fusion_lr_mult,
+                   help="learning-rate multiplier of the level/stream mixing weights")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--batch-size", type=int, default=d.batch_size)

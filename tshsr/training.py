@@ -70,6 +70,7 @@ class TrainArgs:
     finetune_image: bool = False
     text_lr_mult: float = 0.1
     image_lr_mult: float = 0.1
+    fusion_lr_mult: float = 50.0
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or fp32 / bf16 / fp16
     device: str = "auto"
     seed: int = 0
@@ -191,18 +192,28 @@ def _lr_factor(args: TrainArgs, epoch_float: float) -> float:
     return 1.0
 
 
+# Scalar mixing weights (level and stream weights, the cosine mix) get a larger learning rate:
+# at the head's 2e-4 they barely move in a short run and stay near their initial values.
+FUSION_PARAMETERS = ("level_logits", "stream_logits", "cosine_mix")
+
+
 def _param_groups(model: TSHSRModel, args: TrainArgs):
-    head, image, text = [], [], []
+    head, image, text, fusion = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith("image_backbone."):
+        if name.rsplit(".", 1)[-1] in FUSION_PARAMETERS:
+            fusion.append(p)
+        elif name.startswith("image_backbone."):
             image.append(p)
         elif name.startswith("text_backbone.") and model.config.text_encoder == "transformers":
             text.append(p)
         else:
             head.append(p)
     groups = [{"params": head, "lr": args.lr, "base_lr": args.lr}]
+    if fusion:
+        lr = args.lr * args.fusion_lr_mult
+        groups.append({"params": fusion, "lr": lr, "base_lr": lr})
     if image:
         groups.append({"params": image, "lr": args.lr * args.image_lr_mult, "base_lr": args.lr * args.image_lr_mult})
     if text:
