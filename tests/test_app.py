@@ -243,3 +243,78 @@ def test_missing_model_is_a_clear_error_not_a_traceback(tmp_path) -> None:
     assert run.returncode == 2
     assert "Model folder not found" in run.stderr and str(missing) in run.stderr
     assert "Traceback" not in run.stderr + run.stdout
+
+
+def test_concurrent_requests_are_queued_and_all_answered(client) -> None:
+    photo = handle_file(str(_example_photo()))
+    expected_c = client.predict(photo, "", 3, api_name="/rank_captions")
+    expected_i = client.predict("two people on a beach", 3, api_name="/rank_images")
+    jobs = [client.submit(photo, "", 3, api_name="/rank_captions") if i % 2 == 0
+            else client.submit("two people on a beach", 3, api_name="/rank_images") for i in range(6)]
+    for i, job in enumerate(jobs):
+        got = job.result(timeout=120)
+        want = expected_c if i % 2 == 0 else expected_i
+        assert [r["score"] for r in got["results"]] == pytest.approx([r["score"] for r in want["results"]], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine in-process: behaviour the public endpoints do not reach (session uploads, no examples)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bare_engine():
+    """The app's engine without built-in examples: empty gallery and pool."""
+    import app
+    from tshsr import TSHSRModel
+
+    return app.DemoEngine(TSHSRModel.from_pretrained(MODEL), "test", examples_dir=None, progress=False)
+
+
+def test_app_without_examples_still_ranks_pasted_captions_and_added_photos(bare_engine, files, tmp_path) -> None:
+    from tshsr import InvalidInputError
+
+    engine = bare_engine
+    assert len(engine.gallery) == 0 and engine.pool == []
+    with pytest.raises(InvalidInputError, match="gallery is empty"):
+        engine.rank_images("a dog", 3)
+    with pytest.raises(InvalidInputError, match="No captions to rank"):
+        engine.rank_captions(str(files["one_pixel"]), "", 3)
+    ranked = engine.rank_captions(str(files["cmyk"]), "a red square\na blue circle\n\na red square", 5)
+    assert ranked["candidates"] == 2 and len(ranked["results"]) == 2 and ranked["notes"]
+    assert {r["source"] for r in ranked["results"]} == {"yours"}
+
+    red = tmp_path / "red.png"
+    Image.new("RGB", (64, 48), (230, 20, 20)).save(red)
+    session, added, problems = engine.add_photos(None, [str(red), str(files["corrupt"]), str(red)])
+    assert added == ["red.png"] and len(session) == 1
+    assert any("corrupt.jpg" in p and "readable" in p for p in problems)
+    assert any("already in your gallery" in p for p in problems)
+    result = engine.rank_images("a red photo", 5, session)
+    assert [r["source"] for r in result["results"]] == ["upload"] and result["candidates"] == 1
+    assert Path(engine.image_path(result["results"][0]["image"], session)).is_file()
+    # Another session does not see these photos.
+    with pytest.raises(InvalidInputError, match="gallery is empty"):
+        engine.rank_images("a red photo", 5, engine.new_session_gallery())
+
+
+def test_session_upload_limit(bare_engine, tmp_path, monkeypatch) -> None:
+    import app
+
+    monkeypatch.setattr(app, "MAX_SESSION_UPLOADS", 2)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"p{i}.png")
+        Image.new("RGB", (32, 32), (i * 80, 0, 0)).save(paths[-1])
+    session, added, problems = bare_engine.add_photos(None, [str(p) for p in paths])
+    assert len(added) == 2 and len(session) == 2
+    assert len(problems) == 1 and "limit" in problems[0]
+
+
+def test_cached_pasted_captions_score_like_fresh_ones(bare_engine, files) -> None:
+    lines = "a red square on white\na small photo\nsomething else entirely, a much longer caption than the rest"
+    first = bare_engine.rank_captions(str(files["rgba"]), lines, 3)
+    again = bare_engine.rank_captions(str(files["rgba"]), lines, 3)  # from the encoding cache
+    assert [r["caption"] for r in again["results"]] == [r["caption"] for r in first["results"]]
+    assert [r["score"] for r in again["results"]] == pytest.approx([r["score"] for r in first["results"]], abs=1e-6)
+    alone = bare_engine.rank_captions(str(files["rgba"]), "a small photo", 1)  # batched with nothing else
+    by_caption = {r["caption"]: r["score"] for r in first["results"]}
+    assert alone["results"][0]["score"] == pytest.approx(by_caption["a small photo"], abs=1e-5)
