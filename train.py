@@ -19,7 +19,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from tshsr.config import TSHSRConfig

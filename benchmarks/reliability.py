@@ -60,7 +60,6 @@ def checkpoint_step(out: Path) -> int:
 
 
 def training_kills(kills: int, seed: int) -> dict:
-    import torch
     from safetensors.torch import load_file
 
     rng = random.Random(seed)

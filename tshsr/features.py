@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .io import atomic_write
+
 FEATURE_DTYPE = np.float16
 
 
@@ -72,9 +74,7 @@ class CachedFeatures:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
 
 
 @torch.no_grad()

@@ -8,11 +8,9 @@ exact breakdown per stream and level (``TSHSROutput.contributions``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -31,6 +29,7 @@ from .encoders import (
     TransformersTextBackbone,
 )
 from .heads import SGRAFHead, StreamHead, l2norm, masked_softmax
+from .io import atomic_write as _atomic_write
 from .processing import InvalidInputError, TSHSRProcessor, Vocabulary
 
 WEIGHTS_NAME = "model.safetensors"
@@ -592,18 +591,3 @@ def _assemble(chunks, ni: int, nt: int) -> torch.Tensor:
         index = (ii[:, None], tt[None, :]) + tuple(slice(0, s) for s in value.shape[2:])
         out[index] = value
     return out
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder and rename: a crash never leaves half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

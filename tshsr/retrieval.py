@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from .evaluate import eval_mode
+from .io import atomic_write as _atomic_write
 
 __all__ = ["Hit", "GalleryIndex", "model_fingerprints"]
 
@@ -272,15 +272,3 @@ def _model_device(model) -> torch.device:
     if isinstance(device, torch.device):
         return device
     return next(model.parameters()).device
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half an index."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

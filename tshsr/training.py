@@ -15,7 +15,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .config import TSHSRConfig
 from .losses import contrastive_loss, hinge_loss, mine_candidates
-from .model import TSHSRModel, _atomic_write
+from .model import TSHSRModel
 from .processing import Vocabulary
 
 
