@@ -47,7 +47,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         lo, hi = float(array.min()), float(array.max())
-        scaled = np.zeros_like(array) if hi <= lo else (array - lo) / (hi - lo) * 255.0
+        if hi > lo:
+            scaled = (array - lo) / (hi - lo) * 255.0
+        else:  # a flat image has no range to stretch: keep its level (a white 16-bit image is white)
+            full = 65535.0 if mode.startswith("I;16") else 255.0
+            scaled = np.full_like(array, min(max(lo, 0.0), full) / full * 255.0)
         return Image.fromarray(scaled.round().astype(np.uint8), mode="L").convert("RGB")
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -73,6 +77,9 @@ def load_image(source) -> Image.Image:
                 if path.stat().st_size == 0:
                     raise InvalidInputError(f"Image file is empty (0 bytes): {path.name}")
                 image = Image.open(path)
+            # Pillow only warns between 1x and 2x its limit; refuse from the header, before decoding.
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels")
             image.load()
         except InvalidInputError:
             raise
