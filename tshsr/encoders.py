@@ -101,6 +101,15 @@ def load_timm_backbone(name: str, weights: str | None = None, pretrained: bool =
             state = state["state_dict"]
         target = model.state_dict()
         if set(state) != set(target):
+            if str(local).endswith(".safetensors"):
+                # safetensors stores tensors by dtype and name, not in the model's order: pairing
+                # them by position would be meaningless, so other key names are refused.
+                missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
+                raise ValueError(
+                    f"{local}: tensor names do not match timm's {name!r} (missing {missing[:3]}, "
+                    f"unexpected {unexpected[:3]}); a .safetensors file keeps no tensor order, so it "
+                    f"must use timm's key names (a .pth in the model's parameter order is remapped)"
+                )
             state = _remap_in_order(state, target, origin=str(local))
         model.load_state_dict(state, strict=True)
         return model
