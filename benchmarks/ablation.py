@@ -31,10 +31,12 @@ BUDGET = ["--max-train-images", "2000", "--epochs", "3", "--lr-update", "2", "--
 STORE = ROOT / "benchmarks" / "results" / "ablation.json"
 
 
-def run_one(preset: str, seed: int, data_dir: str, runs: Path) -> dict:
+def run_one(preset: str, seed: int, data_dir: str, runs: Path, threads: int | None) -> dict:
     out = runs / f"{preset}-s{seed}"
     cmd = [sys.executable, "train.py", "--dataset", "flickr8k", "--data-dir", data_dir, "--output-dir", str(out),
            "--preset", preset, "--seed", str(seed), "--no-progress", *BUDGET]
+    if threads:
+        cmd += ["--threads", str(threads)]
     if (out / "checkpoint").exists() and not (out / "train_args.json").exists():
         cmd.append("--resume")
     start = time.time()
@@ -104,6 +106,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--presets", nargs="+", default=PRESETS, choices=PRESETS)
     p.add_argument("--summarize-only", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (speed only)")
     args = p.parse_args()
     STORE.parent.mkdir(parents=True, exist_ok=True)
     records = json.loads(STORE.read_text()) if STORE.exists() else {}
@@ -113,7 +116,7 @@ def main() -> int:
                 key = f"{preset}-s{seed}"
                 if key in records:
                     continue
-                records[key] = run_one(preset, seed, args.data_dir, Path(args.runs))
+                records[key] = run_one(preset, seed, args.data_dir, Path(args.runs), args.threads)
                 STORE.write_text(json.dumps(records, indent=2))
                 write_section("ablation", summarize(records))
                 print(f"finished {key}: RSUM {records[key]['metrics']['rsum']:.1f}", flush=True)
