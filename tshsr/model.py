@@ -8,6 +8,7 @@ exact breakdown per stream and level (``TSHSROutput.contributions``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -489,12 +490,18 @@ class TSHSRModel(
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.cpu() for k, v in self.saved_state_dict().items()}
-        metadata = {"format": "pt", "tshsr_config_sha256": self.config_fingerprint()}
+        # Checksums of the three files, checked on load: an edited config.json or vocab.json, or
+        # flipped bytes in the tensor data, are refused instead of silently giving another model.
+        metadata = {"format": "pt", "tshsr_config_sha256": self.config_fingerprint(),
+                    "tshsr_weights_sha256": _state_digest(state)}
+        vocab_json = self.vocabulary.to_json() if self.vocabulary is not None else None
+        if vocab_json is not None:
+            metadata["tshsr_vocab_sha256"] = hashlib.sha256(vocab_json.encode()).hexdigest()
         _atomic_write(save_directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata=metadata))
         _atomic_write(save_directory / "config.json",
                       lambda p: Path(p).write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"))
-        if self.vocabulary is not None:
-            _atomic_write(save_directory / "vocab.json", lambda p: Path(p).write_text(self.vocabulary.to_json()))
+        if vocab_json is not None:
+            _atomic_write(save_directory / "vocab.json", lambda p: Path(p).write_text(vocab_json))
 
     def config_fingerprint(self) -> str:
         return self.config.fingerprint()
@@ -533,9 +540,37 @@ class TSHSRModel(
             raise CheckpointError(f"{directory} is not a TSHSR checkpoint: config.json is missing") from exc
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"{directory}/config.json is invalid: {exc}") from exc
+        metadata = _safetensors_metadata(directory / WEIGHTS_NAME)
+        # The fingerprint of config.json as written (not of the parsed config, so that fields
+        # added to TSHSRConfig later, with defaults, do not invalidate older checkpoints).
+        raw = json.loads((directory / "config.json").read_text())
+        written = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+        if metadata.get("tshsr_config_sha256", written) != written:
+            raise CheckpointError(
+                f"{directory}/config.json does not match the weights in {WEIGHTS_NAME}: it was changed "
+                f"after they were saved (fingerprint {written}, saved with {metadata['tshsr_config_sha256']}). "
+                f"Restore the original config.json; to change a setting on load, pass it to "
+                f"from_pretrained(..., name=value)."
+            )
         if config_overrides:
             config = replace(config, **config_overrides)
-        vocabulary = Vocabulary.load(directory) if config.text_encoder == "bigru" else None
+        vocabulary = None
+        if config.text_encoder == "bigru":
+            try:
+                vocabulary = Vocabulary.load(directory)
+            except FileNotFoundError as exc:
+                raise CheckpointError(f"{directory} is incomplete: {exc}") from exc
+            except (ValueError, TypeError) as exc:
+                raise CheckpointError(f"{directory}/vocab.json is invalid: {exc}") from exc
+            saved_vocab = metadata.get("tshsr_vocab_sha256")
+            if saved_vocab is not None and saved_vocab != hashlib.sha256(vocabulary.to_json().encode()).hexdigest():
+                raise CheckpointError(
+                    f"{directory}/vocab.json does not match the weights in {WEIGHTS_NAME}: it was changed "
+                    f"after they were saved (word ids would point at other words' embeddings)"
+                )
+            if len(vocabulary) != config.vocab_size:
+                raise CheckpointError(f"{directory}/vocab.json has {len(vocabulary)} words, config.json says "
+                                      f"vocab_size={config.vocab_size}")
         model = cls(config, vocabulary=vocabulary)
         model.load_checkpoint_weights(directory / WEIGHTS_NAME)
         model.to(map_location)
@@ -570,11 +605,38 @@ class TSHSRModel(
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise CheckpointError(f"Checkpoint {path} has non-finite values in {', '.join(bad[:10])}")
+        saved_digest = _safetensors_metadata(path).get("tshsr_weights_sha256")
+        if saved_digest is not None and saved_digest != _state_digest(state):
+            raise CheckpointError(f"{path} is corrupt: its tensor data does not match the checksum saved with "
+                                  f"it (changed or damaged after saving)")
         self.load_state_dict(state, strict=False)  # frozen backbone keys are absent by design;
         # every other key was checked above, so nothing stays at its random initialisation.
 
 
 # ----------------------------------------------------------------------------------------------
+def _state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: names, shapes, dtypes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file ({} when the file is absent: the loader reports that)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        return {}
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is not a valid safetensors file (corrupt or truncated?): {exc}") from exc
+
+
 def _fields(encoding: Encoding) -> dict[str, torch.Tensor]:
     return {f.name: getattr(encoding, f.name) for f in fields(encoding) if getattr(encoding, f.name) is not None}
 
