@@ -3,10 +3,6 @@
 #   bash scripts/app.sh [app.py args...]   (e.g. --port 7860 --model checkpoints/tshsr-flickr8k)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${TSHSR_VENV:-.venv}"
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-fi
-"$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt
+source scripts/setup.sh
 export GRADIO_ANALYTICS_ENABLED=False
 exec "$VENV/bin/python" app.py "$@"

@@ -4,11 +4,7 @@
 # The virtual environment goes to $TSHSR_VENV (default: .venv beside this repository).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${TSHSR_VENV:-.venv}"
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-fi
-"$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt
+source scripts/setup.sh
 # The browser test drives Debian's chromium; install it where we can (root + apt), else it skips.
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \

@@ -14,7 +14,6 @@ split loads in seconds and ``subset`` is just an index operation.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -55,24 +54,13 @@ class _Url:
 
 
 def _open_rgb(source: Any) -> Image.Image:
-    """Decode a path / bytes / PIL image into a fully loaded RGB image."""
-    if isinstance(source, Image.Image):
-        image = source
-    elif isinstance(source, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(source))
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"Image file not found: {path}")
-        image = Image.open(path)
-    image.load()
-    # Reuse the model's converter when present: it composites transparency on white and rescales
-    # 16-bit images instead of clipping them, which a bare .convert("RGB") does not.
-    try:
-        from .processing import to_rgb
-    except ImportError:  # the processing module is optional for pure data work
-        return image.convert("RGB")
-    return to_rgb(image)
+    """Decode a path / bytes / PIL image into a fully loaded RGB image (the model's loader: it
+    composites transparency on white, rescales 16-bit images and refuses decompression bombs)."""
+    from .processing import load_image
+
+    if not isinstance(source, (Image.Image, bytes, bytearray)) and not Path(source).is_file():
+        raise FileNotFoundError(f"Image file not found: {source}")
+    return load_image(source)
 
 
 def _fetch_url(url: str) -> bytes:

@@ -105,42 +105,32 @@ def cache_features(model, images, captions, image_ids, caption_image, cache_dir:
             regions = probe.shape[1]
     else:
         regions = np.asarray(images[0]).shape[0]
-    feat_dim = config.image_feature_dim
-    img = _memmap(directory / "images.npy", (n_images, regions, feat_dim), FEATURE_DTYPE, state)
-    img_mask = _memmap(directory / "image_mask.npy", (n_images, regions), np.bool_, state)
-    done = int(state.get("images_done", 0))
-    bar = tqdm(total=n_images, initial=done, desc="cache image features", unit="img", disable=not progress)
-    while done < n_images:
-        stop = min(done + image_batch_size, n_images)
-        feats, mask = model.image_features(images[done:stop])
-        img[done:stop] = feats.cpu().numpy().astype(FEATURE_DTYPE)
-        img_mask[done:stop] = mask.cpu().numpy()
-        img.flush(), img_mask.flush()
-        done = stop
-        state["images_done"] = done
-        _write_json(state_path, state)
-        bar.update(stop - bar.n)
-    bar.close()
-    # ---- texts ----
-    length = config.max_text_length
-    txt = _memmap(directory / "texts.npy", (n_texts, length, config.text_feature_dim), FEATURE_DTYPE, state)
-    txt_mask = _memmap(directory / "text_mask.npy", (n_texts, length), np.bool_, state)
-    done = int(state.get("texts_done", 0))
-    bar = tqdm(total=n_texts, initial=done, desc="cache text features", unit="cap", disable=not progress)
-    while done < n_texts:
-        stop = min(done + text_batch_size, n_texts)
-        feats, mask = model.text_features(list(captions[done:stop]))
-        width = feats.shape[1]
-        txt[done:stop, :width] = feats.cpu().numpy().astype(FEATURE_DTYPE)
-        txt[done:stop, width:] = 0
-        txt_mask[done:stop, :width] = mask.cpu().numpy()
-        txt_mask[done:stop, width:] = False
-        txt.flush(), txt_mask.flush()
-        done = stop
-        state["texts_done"] = done
-        _write_json(state_path, state)
-        bar.update(stop - bar.n)
-    bar.close()
+    sides = (
+        ("images", (n_images, regions, config.image_feature_dim), image_batch_size,
+         lambda a, b: model.image_features(images[a:b]), "img"),
+        ("texts", (n_texts, config.max_text_length, config.text_feature_dim), text_batch_size,
+         lambda a, b: model.text_features(list(captions[a:b])), "cap"),
+    )
+    for name, shape, batch_size, compute, unit in sides:
+        feats_out = _memmap(directory / f"{name}.npy", shape, FEATURE_DTYPE, state)
+        mask_out = _memmap(directory / f"{name[:-1]}_mask.npy", shape[:2], np.bool_, state)
+        done = int(state.get(f"{name}_done", 0))
+        bar = tqdm(total=shape[0], initial=done, desc=f"cache {name[:-1]} features", unit=unit,
+                   disable=not progress)
+        while done < shape[0]:
+            stop = min(done + batch_size, shape[0])
+            feats, mask = compute(done, stop)
+            width = feats.shape[1]  # captions come padded to their batch's longest
+            feats_out[done:stop, :width] = feats.cpu().numpy().astype(FEATURE_DTYPE)
+            feats_out[done:stop, width:] = 0
+            mask_out[done:stop, :width] = mask.cpu().numpy()
+            mask_out[done:stop, width:] = False
+            feats_out.flush(), mask_out.flush()
+            done = stop
+            state[f"{name}_done"] = done  # progress is written after the data it counts
+            _write_json(state_path, state)
+            bar.update(stop - bar.n)
+        bar.close()
     state["complete"] = True
     _write_json(state_path, state)
     model.train(model_was_training)
