@@ -143,6 +143,14 @@ def test_attention_sums_to_one_over_valid_keys(preset, make_model, regions, capt
     if lw is not None:
         assert (lw[~word_valid] == 0).all() and (lw >= 0).all()
 
+    # The explicit-pairs path (training, reranking) gives the same maps as the exhaustive one.
+    ii, tt = torch.tensor([1, 4, 0, 4]), torch.tensor([3, 2, 6, 0])
+    pairs = model.score_pairs(images, texts, ii, tt, return_attention=True)
+    for stream, maps in pairs.attentions.items():
+        for name, value in maps.items():
+            if value is not None:
+                assert torch.allclose(value, out.attentions[stream][name][ii, tt], atol=TOL), (stream, name)
+
     if preset == "tshsr":
         # i2t: regions over words, [ni, nt, K, L]
         att = out.attentions["i2t"]["attention"]
