@@ -71,7 +71,8 @@ def test_bigru_round_trip(preset, make_model, regions, captions, vocab, tmp_path
 
 
 def test_real_backbone_round_trip(real_model, coffee_path, tmp_path) -> None:
-    """Frozen pretrained backbones are referenced by name, not stored, and resolved again."""
+    """Frozen pretrained backbones are referenced by name, not stored, and resolved again.
+    (Perturbing the shared model's head is harmless: other tests use only its backbones.)"""
     _perturb(real_model)
     images = [coffee_path, str(coffee_path)]
     texts = ["a cup of coffee on a saucer", "two dogs on a beach"]

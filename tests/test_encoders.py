@@ -113,8 +113,11 @@ def test_missing_weight_file_is_a_clear_error(tmp_path) -> None:
         load_timm_backbone("test_efficientnet", weights=str(missing))
 
 
-def test_no_weight_source_is_a_clear_error() -> None:
+def test_no_weight_source_is_a_clear_error(monkeypatch) -> None:
     """No local file, no offline package, no Hub (offline): refuse, never random weights."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # even where a Hub is reachable
     with pytest.raises(WeightsNotFoundError, match="No pretrained weights for timm backbone 'test_resnet'"):
         load_timm_backbone("test_resnet")
 
