@@ -710,8 +710,25 @@ def default_threads(concurrency: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, concurrency))
 
 
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Cap glibc's malloc arenas (as ``MALLOC_ARENA_MAX`` would) unless that variable is set.
+
+    Gradio runs each request on one of many worker threads; glibc gives threads their own arena,
+    and the model's short-lived tensors left the server's memory ~25% larger after 320 concurrent
+    requests and still growing (fragmentation, not a leak). With two arenas it levels off."""
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-8, arenas))  # -8 = M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    limit_malloc_arenas(max(2, args.concurrency))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads or default_threads(args.concurrency))
     started = time.perf_counter()

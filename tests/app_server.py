@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +35,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass
+class AppProcess:
+    """A running ``python app.py``: its URL, its process and the file its output goes to."""
+
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+
 @contextlib.contextmanager
-def running_app(model: Path, log_path: Path, extra_args: tuple[str, ...] = ()):
-    """Start app.py as a separate process (exactly as a user would), yield its URL, stop it."""
+def app_process(model: Path, log_path: Path, extra_args: tuple[str, ...] = (),
+                startup_timeout_s: float = STARTUP_TIMEOUT_S):
+    """Start app.py as a separate process (exactly as a user would) on a free loopback port, wait
+    until it answers, yield an :class:`AppProcess`; stop it (terminate, then kill) however the
+    block ends."""
     port = free_port()
     env = dict(os.environ, TSHSR_THREADS=os.environ.get("TSHSR_THREADS", "1"), GRADIO_ANALYTICS_ENABLED="False",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -49,7 +62,7 @@ def running_app(model: Path, log_path: Path, extra_args: tuple[str, ...] = ()):
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
         try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            deadline = time.monotonic() + startup_timeout_s
             while True:
                 if process.poll() is not None:
                     raise RuntimeError(f"app.py exited with {process.returncode} during start-up:\n"
@@ -61,14 +74,28 @@ def running_app(model: Path, log_path: Path, extra_args: tuple[str, ...] = ()):
                 except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"app.py did not answer within {STARTUP_TIMEOUT_S} s:\n"
+                    raise RuntimeError(f"app.py did not answer within {startup_timeout_s:.0f} s:\n"
                                        + log_path.read_text(errors="replace")[-3000:])
                 time.sleep(0.5)
-            yield url
+            yield AppProcess(url, process, log_path)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+            stop_process(process)
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """Terminate, wait, kill if it does not exit."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running_app(model: Path, log_path: Path, extra_args: tuple[str, ...] = ()):
+    """Start app.py as a separate process (exactly as a user would), yield its URL, stop it."""
+    with app_process(model, log_path, extra_args) as app:
+        yield app.url
