@@ -16,7 +16,7 @@ HEADER = ("# Measured results\n\nEvery section below is written by the script it
           "edit by hand (rerun the script).\n")
 
 
-def machine() -> str:
+def machine(threads: bool = True) -> str:
     """One line naming the machine the numbers come from."""
     cpu = platform.processor() or platform.machine()
     try:
@@ -29,7 +29,8 @@ def machine() -> str:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}"
+    used = f" ({torch.get_num_threads()} threads)" if threads else ""
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}{used}, {gpu}"
 
 
 def git_commit() -> str:
