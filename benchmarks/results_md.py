@@ -35,8 +35,11 @@ def machine(threads: bool = True) -> str:
 
 def git_commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+        head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "tshsr", "app.py", "train.py", "benchmarks"],
+                               stderr=subprocess.DEVNULL).returncode
+        return head + ("+uncommitted changes" if dirty == 1 else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

@@ -57,7 +57,7 @@ def pair_macs(cfg: TSHSRConfig, K: int, L: int) -> int:
     return total
 
 
-def peak_gflops(n: int = 2048, reps: int = 5) -> float:
+def peak_gflops(n: int = 2048, reps: int = 10) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     best = float("inf")
@@ -78,7 +78,9 @@ def main() -> int:
     p.add_argument("--sim-dim", type=int, default=256)
     p.add_argument("--images", type=int, default=100)
     p.add_argument("--captions", type=int, default=300)
-    p.add_argument("--block-pairs", type=int, default=2048)
+    p.add_argument("--block-pairs", type=int, default=None, help="default: the model's auto_block_pairs")
+    p.add_argument("--compile", action="store_true", help="score through torch.compile (timed after compiling)")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes over all pairs; the fastest counts")
     p.add_argument("--naive-captions", type=int, default=30, help="captions timed in the naive loop")
     p.add_argument("--json", default=None)
     p.add_argument("--write-results", action="store_true")
@@ -94,11 +96,19 @@ def main() -> int:
                                       torch.ones(args.images, K, dtype=torch.bool))
     txt = model.encode_text_features(torch.randn(args.captions, L, args.embed_dim),
                                      torch.ones(args.captions, L, dtype=torch.bool))
-    peak = peak_gflops()
-    model.score_encoded(img[:4], txt[:4])  # warm-up
+    peak = peak_gflops()  # measured again after scoring; the higher one is used (conservative)
+    block = args.block_pairs or model.auto_block_pairs(img, txt)
     start = time.perf_counter()
-    scores = model.score_encoded(img, txt, block_pairs=args.block_pairs).scores
-    seconds = time.perf_counter() - start
+    bt = min(args.captions, block)
+    bt = -(-args.captions // -(-args.captions // bt))
+    bi = min(args.images, max(1, block // bt))  # the block shape score_encoded will use
+    model.score_encoded(img[:bi], txt[:bt], block_pairs=block, compile=args.compile)  # warm-up (and compilation)
+    warmup_seconds = time.perf_counter() - start
+    seconds = float("inf")
+    for _ in range(args.repeats):  # best of N, as for the peak: the least disturbed pass on a shared machine
+        start = time.perf_counter()
+        scores = model.score_encoded(img, txt, block_pairs=block, compile=args.compile).scores
+        seconds = min(seconds, time.perf_counter() - start)
     pairs_per_s = args.images * args.captions / seconds
 
     # SGRAF-style evaluation: one caption against every image at a time.
@@ -113,11 +123,13 @@ def main() -> int:
     if max_diff > 1e-4:
         raise SystemExit(f"naive and blocked scores differ by {max_diff}")
 
+    peak = max(peak, peak_gflops())
     gflop = 2 * pair_macs(cfg, K, L) / 1e9
     result = {"preset": args.preset, "pairs_per_s": round(pairs_per_s, 1), "gflop_per_pair": gflop,
               "peak_gflops": round(peak, 1), "efficiency": round(pairs_per_s * gflop / peak, 4),
               "naive_pairs_per_s": round(naive_pairs_per_s, 1), "max_abs_diff_vs_naive": max_diff,
-              "threads": torch.get_num_threads(), "sizes": {k: getattr(args, k) for k in
+              "threads": torch.get_num_threads(), "block_pairs": block, "repeats": args.repeats, "compile": args.compile,
+              "warmup_seconds": round(warmup_seconds, 1), "sizes": {k: getattr(args, k) for k in
                                                            ("regions", "words", "embed_dim", "sim_dim", "images", "captions")}}
     print(json.dumps(result, indent=2))
     if args.json:
@@ -128,18 +140,19 @@ def main() -> int:
         store = ROOT / "benchmarks" / "results" / "scoring_throughput.json"
         store.parent.mkdir(exist_ok=True)
         table = json.loads(store.read_text()) if store.exists() else {}
-        table[args.preset] = result
+        table[args.preset + (" (compiled)" if args.compile else "")] = result
         store.write_text(json.dumps(table, indent=2))
         lines = ["## Scoring throughput (random features, exhaustive blocks)", "",
                  f"Machine: {machine()}. Commit {git_commit()}.",
                  f"`python benchmarks/scoring_throughput.py --preset P --regions {K} --words {L} --embed-dim "
                  f"{args.embed_dim} --sim-dim {args.sim_dim} --images {args.images} --captions {args.captions} "
-                 "--write-results`. GFLOP/pair counts the per-pair multiply-adds x2; efficiency = pairs/s x "
-                 "GFLOP/pair / peak (a 2048^3 fp32 matmul in the same run). Targets: sgr >= 60 %, tshsr >= 50 %.", "",
-                 "| preset | pairs/s | GFLOP/pair | peak GFLOP/s | efficiency | naive loop pairs/s | max diff |",
-                 "|---|---|---|---|---|---|---|"]
+                 "--write-results [--compile]`. GFLOP/pair counts the per-pair multiply-adds x2; efficiency = pairs/s x "
+                 "GFLOP/pair / peak (a 2048^3 fp32 matmul in the same run, best of 10 before and after); pairs/s is the best of 3 passes over all pairs. Targets: sgr >= 60 %, tshsr >= 50 %. On this shared 2-core VM repeated runs vary by about "
+                 "+-15 % (peak and scoring alike); `--compile` is the configuration the targets are meant for.", "",
+                 "| preset | block pairs | pairs/s | GFLOP/pair | peak GFLOP/s | efficiency | naive loop pairs/s | max diff |",
+                 "|---|---|---|---|---|---|---|---|"]
         for name, r in table.items():
-            lines.append(f"| {name} | {r['pairs_per_s']:.0f} | {r['gflop_per_pair']:.4f} | {r['peak_gflops']:.0f} | "
+            lines.append(f"| {name} | {r['block_pairs']} | {r['pairs_per_s']:.0f} | {r['gflop_per_pair']:.4f} | {r['peak_gflops']:.0f} | "
                          f"{100 * r['efficiency']:.1f} % | {r['naive_pairs_per_s']:.0f} | {r['max_abs_diff_vs_naive']:.1e} |")
         write_section("scoring_throughput", "\n".join(lines))
     return 0

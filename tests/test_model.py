@@ -234,6 +234,20 @@ def test_scores_independent_of_batching(preset, make_model, regions, captions) -
         assert torch.allclose(pairs.contributions[key], exhaustive.contributions[key][ii, tt], atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("preset", ["tshsr", "sgr"])
+def test_compiled_scoring_matches_eager(preset, make_model, regions, captions) -> None:
+    """score_encoded(compile=True) pads blocks to one fixed shape for torch.compile; the padding
+    must never leak into the scores or the breakdown (blocks of 4 do not divide 6 x 7)."""
+    model = make_model(preset)
+    images, texts = model.encode_images(regions), model.encode_texts(captions)
+    eager = model.score_encoded(images, texts, block_pairs=8)
+    compiled = model.score_encoded(images, texts, block_pairs=8, compile=True)
+    assert torch.allclose(compiled.scores, eager.scores, atol=TOL, rtol=0)
+    assert compiled.contributions.keys() == eager.contributions.keys()
+    for key, value in compiled.contributions.items():
+        assert torch.allclose(value, eager.contributions[key], atol=TOL, rtol=0), key
+
+
 def test_score_pairs_rejects_mismatched_indices(make_model, regions, captions) -> None:
     model = make_model("tshsr")
     images, texts = model.encode_images(regions), model.encode_texts(captions)

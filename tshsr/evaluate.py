@@ -200,8 +200,9 @@ class SplitScores:
 
 
 def score_split(model, images, texts, caption_image: np.ndarray, rerank_k: int | None = None,
-                progress: bool = True) -> SplitScores:
-    """Score encoded images against encoded captions, exhaustively or as two-stage retrieval."""
+                progress: bool = True, compile: bool = False) -> SplitScores:
+    """Score encoded images against encoded captions, exhaustively or as two-stage retrieval
+    (``compile``: exhaustive blocks through torch.compile, see ``TSHSRModel.score_encoded``)."""
     caption_image = np.asarray(caption_image, dtype=np.int64)
     n_images, n_texts = len(images), len(texts)
     if rerank_k is None:
@@ -210,7 +211,7 @@ def score_split(model, images, texts, caption_image: np.ndarray, rerank_k: int |
         with _bar(n_images, "score", "img", progress) as bar:
             for start in range(0, n_images, rows):
                 stop = min(start + rows, n_images)
-                out = model.score_encoded(images[start:stop], texts, progress=False)
+                out = model.score_encoded(images[start:stop], texts, progress=False, compile=compile)
                 scores[start:stop] = out.scores.float().cpu().numpy()
                 bar.update(stop - start)
         return SplitScores(caption_image=caption_image, scores=scores)
@@ -240,12 +241,13 @@ def _result(metrics: dict[str, Any], split: ImageCaptionSplit, seconds: float) -
 
 def evaluate_split(model, split: ImageCaptionSplit, rerank_k: int | None = None, batch_size: int = 32,
                    progress: bool = True, coco_1k: bool = False,
-                   fold_size: int = COCO_FOLD_SIZE) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                   fold_size: int = COCO_FOLD_SIZE, compile: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """:func:`evaluate_model` plus, with ``coco_1k``, the 1K-fold result (same schema)."""
     start = time.perf_counter()
     with eval_mode(model):
         images, texts = encode_split(model, split, batch_size=batch_size, progress=progress)
-        scored = score_split(model, images, texts, split.caption_image, rerank_k=rerank_k, progress=progress)
+        scored = score_split(model, images, texts, split.caption_image, rerank_k=rerank_k, progress=progress,
+                             compile=compile)
         result = _result(scored.metrics(), split, time.perf_counter() - start)
         folds = None
         if coco_1k:
@@ -314,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--coco-1k", action="store_true",
                         help="also report the 1K-fold mean (automatic for --dataset coco --split test)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--compile", action="store_true",
+                        help="exhaustive scoring through torch.compile: faster on large splits after a "
+                             "one-off compilation (needs a C++ compiler on CPU)")
     return parser
 
 
@@ -332,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     if want_1k and not can_1k:
         print(f"note: no 1K folds: {len(split)} images is not a multiple of {COCO_FOLD_SIZE}", file=sys.stderr)
     result, folds = evaluate_split(model, split, rerank_k=args.rerank_k, batch_size=args.batch_size,
-                                   progress=progress, coco_1k=want_1k and can_1k, fold_size=COCO_FOLD_SIZE)
+                                   progress=progress, coco_1k=want_1k and can_1k, fold_size=COCO_FOLD_SIZE,
+                                   compile=args.compile)
     protocol = "exhaustive" if args.rerank_k is None else f"two-stage, rerank top {args.rerank_k}"
     title = (f"{args.model} on {split.name}: {result['n_images']} images, {result['n_captions']} captions "
              f"({protocol}, {device}), {result['seconds']:.1f} s")

@@ -15,9 +15,23 @@ from torch import nn
 NEG_INF = -1e4  # large enough to zero a softmax entry, small enough to stay finite in bf16
 
 
-def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
+def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8, fresh: bool = False) -> torch.Tensor:
+    """x / (||x|| + eps) along ``dim``.
+
+    ``fresh=True`` says x is a temporary nobody else holds: without autograd it is then divided
+    in place, which saves a pass over memory (the scoring engine is memory-bound outside its
+    matrix products).
+    """
     # linalg.vector_norm is one fused pass; x.pow(2).sum().sqrt() was three (memory-bound on CPU)
+    if not torch.is_grad_enabled():
+        norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True).add_(eps)
+        return x.div_(norm) if fresh else x / norm
     return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + eps)
+
+
+def relu(x: torch.Tensor) -> torch.Tensor:
+    """ReLU of a fresh temporary: in place when autograd is off."""
+    return x.relu_() if not torch.is_grad_enabled() else F.relu(x)
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
@@ -38,9 +52,9 @@ def cross_attention(
     affinity = F.leaky_relu(torch.bmm(queries, keys.transpose(1, 2)), 0.1)
     affinity = affinity * query_mask.unsqueeze(2)
     if normalize_over_queries:
-        affinity = l2norm(affinity, dim=1)
+        affinity = l2norm(affinity, dim=1, fresh=True)
     weights = masked_softmax(smooth * affinity, key_mask.unsqueeze(1), dim=2) * query_mask.unsqueeze(2)
-    return l2norm(torch.bmm(weights, keys)), weights
+    return l2norm(torch.bmm(weights, keys), fresh=True), weights
 
 
 def cross_attention_grid(
@@ -59,10 +73,10 @@ def cross_attention_grid(
     raw = (queries.reshape(Bq * nq, D) @ keys.reshape(Bk * nk, D).T).view(Bq, nq, Bk, nk)
     affinity = F.leaky_relu(raw.permute(2, 0, 1, 3), 0.1)  # [Bk, Bq, nq, nk]
     qmask = query_mask.view(1, Bq, nq, 1)
-    affinity = l2norm(affinity * qmask, dim=2)
+    affinity = l2norm(affinity * qmask, dim=2, fresh=True)
     weights = masked_softmax(smooth * affinity, key_mask.view(Bk, 1, 1, nk), dim=3) * qmask
     attended = torch.bmm(weights.reshape(Bk, Bq * nq, nk), keys).view(Bk, Bq, nq, D)
-    attended = l2norm(attended)
+    attended = l2norm(attended, fresh=True)
     if queries_are_images:  # key items are texts: put images first
         return attended.transpose(0, 1), weights.transpose(0, 1)
     return attended, weights
@@ -76,7 +90,10 @@ class SimilarityNodes(nn.Module):
         self.proj = nn.Linear(embed_dim, sim_dim)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return l2norm(self.proj(torch.square(x - y)))
+        # mse_loss(reduction="none") is (x - y)^2 in one fused pass; torch.square(x - y) took two
+        # passes and an extra buffer, and cost as much as the projection itself on CPU.
+        x, y = torch.broadcast_tensors(x, y)
+        return l2norm(self.proj(F.mse_loss(x, y, reduction="none")), fresh=True)
 
 
 class FilteredReadout(nn.Module):
@@ -94,7 +111,7 @@ class FilteredReadout(nn.Module):
     def forward(self, nodes: torch.Tensor, mask: torch.Tensor):
         alpha = torch.sigmoid(self.gate(nodes).squeeze(-1)) * mask
         alpha = alpha / alpha.sum(-1, keepdim=True).clamp(min=1e-8)
-        pooled = l2norm(torch.bmm(alpha.unsqueeze(1), nodes).squeeze(1))
+        pooled = l2norm(torch.bmm(alpha.unsqueeze(1), nodes).squeeze(1), fresh=True)
         return torch.sigmoid(self.score(pooled).squeeze(-1)), alpha
 
 
@@ -129,31 +146,37 @@ class HierarchicalReasoning(nn.Module):
         """local [P, n, m], local_mask [P, n], context [P, C, m] or None, membership [P, C, n]
         (rows sum to one over the query units) or None, global_node [P, m]."""
         eps = 1e-6
+        # Both gates read the same local nodes: one product gives both (one pass over the nodes).
+        gate_w = torch.cat([self.local_gate.weight, self.down_gate.weight])
+        gate_b = torch.cat([self.local_gate.bias, self.down_gate.bias])
+        mask = local_mask.unsqueeze(-1).to(local.dtype)
+        if self.with_context:  # step-invariant parts of the edges
+            log_membership = torch.log(membership + eps)
+            share_t = (membership / membership.sum(1, keepdim=True).clamp(min=eps)).transpose(1, 2)  # over parents
         for _ in range(self.steps):
+            gates = F.linear(local, gate_w, gate_b)  # [P, n, 2]
+            local_logit, down_logit = gates[..., 0], gates[..., 1:]
             # ---- bottom-up ----
-            local_logit = self.local_gate(local).squeeze(-1)  # [P, n]
             if self.with_context:
-                edge = masked_softmax(
-                    torch.log(membership + eps) + local_logit.unsqueeze(1), local_mask.unsqueeze(1), dim=2
-                )
-                context = l2norm(context + F.relu(self.up_context(torch.bmm(edge, local))))
+                edge = masked_softmax(log_membership + local_logit.unsqueeze(1), local_mask.unsqueeze(1), dim=2)
+                context = l2norm(context + relu(self.up_context(torch.bmm(edge, local))), fresh=True)
                 up_edge = torch.softmax(self.context_gate(context).squeeze(-1), dim=1)
                 gathered = torch.bmm(up_edge.unsqueeze(1), context).squeeze(1)
             else:
                 up_edge = masked_softmax(local_logit, local_mask, dim=1)
                 gathered = torch.bmm(up_edge.unsqueeze(1), local).squeeze(1)
-            global_node = l2norm(global_node + F.relu(self.up_global(gathered)))
+            global_node = l2norm(global_node + relu(self.up_global(gathered)), fresh=True)
             # ---- top-down ----
             if self.with_context:
                 g = global_node.unsqueeze(1).expand_as(context)
-                context = l2norm(context + F.relu(self.down_context(torch.cat([context, g], -1))))
-                message = F.relu(self.down_local(torch.cat([context, g], -1)))  # [P, C, m]
-                share = membership / membership.sum(1, keepdim=True).clamp(min=eps)  # over parents
-                received = torch.bmm(share.transpose(1, 2), message)  # [P, n, m]
+                context = l2norm(context + relu(self.down_context(torch.cat([context, g], -1))), fresh=True)
+                message = relu(self.down_local(torch.cat([context, g], -1)))  # [P, C, m]
+                received = torch.bmm(share_t, message)  # [P, n, m]
             else:
-                received = F.relu(self.down_local(global_node)).unsqueeze(1)
-            gate = torch.sigmoid(self.down_gate(local))
-            local = l2norm(local + gate * received) * local_mask.unsqueeze(-1)
+                received = relu(self.down_local(global_node)).unsqueeze(1)
+            local = torch.addcmul(local, torch.sigmoid(down_logit), received)
+            local = l2norm(local, fresh=True)
+            local = local.mul_(mask) if not torch.is_grad_enabled() else local * mask
         return local, context, global_node
 
 
