@@ -37,7 +37,7 @@ def git_commit() -> str:
     try:
         head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "tshsr", "app.py", "train.py", "benchmarks"],
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "tshsr", "app.py", "train.py"],
                                stderr=subprocess.DEVNULL).returncode
         return head + ("+uncommitted changes" if dirty == 1 else "")
     except (OSError, subprocess.CalledProcessError):
