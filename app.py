@@ -746,7 +746,8 @@ def main(argv=None) -> int:
     allowed = [str(Path(args.examples).resolve()), str(engine.upload_root)]
     try:
         demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD_SIZE,
-                    allowed_paths=allowed, show_error=False)
+                    allowed_paths=allowed, show_error=True)  # Gradio's own refusals (paths not uploaded,
+        # malformed FileData) reach the client with their reason; the app's handlers raise readable errors
     finally:
         shutil.rmtree(engine.upload_root, ignore_errors=True)
     return 0

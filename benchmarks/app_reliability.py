@@ -60,6 +60,17 @@ LOAD_TEXTS = ["a dog running on the grass", "two people on a beach", "a red bus 
 GENERIC_ERROR = "has raised an exception but has not enabled verbose error reporting"
 # Exceptions the server log may show: Gradio prints a traceback for every gr.Error it returns.
 EXPECTED_LOGGED = ("gradio.exceptions.Error", "InvalidInputError")
+GRADIO_REFUSALS = ("gradio.exceptions.InvalidPathError",)  # a file the user did not upload: never read
+
+
+def expected_refusal(match: re.Match) -> bool:
+    """An exception the server logs while refusing bad input as designed: the app's own readable
+    errors, Gradio refusing a path that was not uploaded, or a payload that is not valid FileData."""
+    name, line = match.group(1), match.group(0)
+    return (name.endswith(EXPECTED_LOGGED) or name.endswith(GRADIO_REFUSALS)
+            or (name.endswith("ValidationError") and "for FileData" in line))
+
+
 EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt))(?::.*)?$", re.M)
 
 
@@ -256,8 +267,7 @@ class LogWatch:
     def new_problems(self) -> list[str]:
         text = self.path.read_text(errors="replace")
         new, self.offset = text[self.offset:], len(text)
-        problems = [m.group(0)[:160] for m in EXC_LINE.finditer(new)
-                    if not m.group(1).endswith(EXPECTED_LOGGED)]
+        problems = [m.group(0)[:160] for m in EXC_LINE.finditer(new) if not expected_refusal(m)]
         for marker in ("request failed", "Exception in ASGI application", "500 Internal Server Error"):
             if marker in new:
                 problems.append(marker)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Reliability figures: training under kill -9, NaN and a failed Hub push; the app under bad input
-and concurrent load (the app part runs when app.py provides it).
+"""Reliability figures: training under kill -9, a NaN loss and a failed Hub push; the app under
+bad input and concurrent load (benchmarks/app_reliability.py against a launched `python app.py`).
 
     python benchmarks/reliability.py [--kills 8] [--skip-app] [--write-results]
 
@@ -32,10 +32,10 @@ from tshsr.testing import make_precomp  # noqa: E402
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
-def train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+def train_cmd(data: Path, out: Path, *extra: str, epochs: int = 6) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), "--dataset", "precomp", "--data-dir", str(data),
             "--split-val", "dev", "--image-feature-dim", "16", "--text-encoder", "bigru", "--embed-dim", "32",
-            "--sim-dim", "16", "--batch-size", "8", "--epochs", "6", "--checkpoint-every", "2", "--log-every", "1",
+            "--sim-dim", "16", "--batch-size", "8", "--epochs", str(epochs), "--checkpoint-every", "2", "--log-every", "1",
             "--val-rerank-k", "0", "--threads", "1", "--no-progress", "--output-dir", str(out),
             "--cache-dir", str(out.parent / "cache"), *extra]
 
@@ -67,14 +67,15 @@ def training_kills(kills: int, seed: int) -> dict:
         tmp = Path(tmp)
         data = make_precomp(tmp / "data")
         reference = tmp / "reference"
-        subprocess.run(train_cmd(data, reference), env=ENV, check=True, capture_output=True)
+        epochs = max(6, 2 * kills)  # long enough that every requested kill lands before the run ends
+        subprocess.run(train_cmd(data, reference, epochs=epochs), env=ENV, check=True, capture_output=True)
         total = last_step(reference)
         out = tmp / "killed"
         survived, lost, attempts = 0, [], 0
         while attempts < kills * 3:
             attempts += 1
             resume = ["--resume"] if (out / "checkpoint").exists() or (out / "checkpoint.old").exists() else []
-            proc = subprocess.Popen(train_cmd(data, out, *resume), env=ENV, stdout=subprocess.DEVNULL,
+            proc = subprocess.Popen(train_cmd(data, out, *resume, epochs=epochs), env=ENV, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, text=True)
             if survived < kills:
                 time.sleep(rng.uniform(1.5, 6.0))  # start-up takes 1-3 s; then steps and saves interleave
@@ -93,9 +94,35 @@ def training_kills(kills: int, seed: int) -> dict:
         final = load_file(str(out / "checkpoint" / "weights.safetensors"))
         expected = load_file(str(reference / "checkpoint" / "weights.safetensors"))
         diff = max(float((final[k] - expected[k]).abs().max()) for k in expected)
-        return {"kills": survived, "steps_total": total, "steps_lost_per_kill": lost,
+        return {"kills_requested": kills, "kills": survived, "steps_total": total, "steps_lost_per_kill": lost,
                 "max_steps_lost": max(lost, default=0), "checkpoint_interval": 2,
                 "final_weights_max_abs_diff_vs_uninterrupted": diff, "finished": last_step(out) >= total}
+
+
+def training_faults() -> dict:
+    """A NaN loss mid-run and a Hub push with no network: exit codes, messages, what is kept."""
+    import torch
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folder = tmp / "nan-data"
+        folder.mkdir()
+        nan_data = make_precomp(folder, nan_image=30)  # one image's features are NaN
+        out = tmp / "nan"
+        proc = subprocess.run(train_cmd(nan_data, out, "--epochs", "2", "--checkpoint-every", "1"), env=ENV,
+                              capture_output=True, text=True)
+        weights = load_file(str(out / "checkpoint" / "weights.safetensors")) if (out / "checkpoint").exists() else {}
+        nan = {"exit_code": proc.returncode, "stopped_with_message": "Loss became nan" in proc.stderr,
+               "last_good_checkpoint_kept": bool(weights) and all(
+                   bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point())}
+        data = make_precomp(tmp / "data")
+        out = tmp / "push"
+        proc = subprocess.run(train_cmd(data, out, "--max-steps", "2", "--push-to-hub", "nobody/tshsr-reliability"),
+                              env=ENV, capture_output=True, text=True)
+        push = {"exit_code": proc.returncode, "clear_message": "push to the Hub" in proc.stderr,
+                "local_model_kept": (out / "model.safetensors").is_file() and (out / "config.json").is_file()}
+    return {"nan_loss": nan, "failed_push": push}
 
 
 def main() -> int:
@@ -105,8 +132,8 @@ def main() -> int:
     p.add_argument("--skip-app", action="store_true")
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args()
-    report = {"training": training_kills(args.kills, args.seed)}
-    print(json.dumps(report["training"], indent=2), flush=True)
+    report = {"training": training_kills(args.kills, args.seed), "faults": training_faults()}
+    print(json.dumps(report["training"], indent=2), json.dumps(report["faults"], indent=2), flush=True)
     if not args.skip_app:
         try:
             from app_reliability import run_app_checks  # provided beside this script with the app
@@ -123,12 +150,18 @@ def main() -> int:
                  f"`python benchmarks/reliability.py --kills {args.kills} --write-results`.", "",
                  "Training under `kill -9` (tiny synthetic run, checkpoint every 2 steps, killed at random moments "
                  "inside steps and checkpoint saves, resumed with `--resume` each time):", "",
-                 f"- kills survived: {t['kills']} of {t['kills']}; run finished: {t['finished']} "
+                 f"- kills: {t['kills']} of {t['kills_requested']} requested landed and were resumed from; run finished: {t['finished']} "
                  f"({t['steps_total']} steps)",
                  f"- steps lost per kill: {t['steps_lost_per_kill']} (at most {t['max_steps_lost']}; the checkpoint "
                  f"interval is {t['checkpoint_interval']})",
                  f"- final weights vs an uninterrupted run: max abs difference "
                  f"{t['final_weights_max_abs_diff_vs_uninterrupted']:.2e}"]
+        f = report["faults"]
+        lines += [f"- NaN loss mid-run: exit code {f['nan_loss']['exit_code']}, stopped with a message: "
+                  f"{f['nan_loss']['stopped_with_message']}, last good (finite) checkpoint kept: "
+                  f"{f['nan_loss']['last_good_checkpoint_kept']}",
+                  f"- `--push-to-hub` with the Hub unreachable (offline mode): exit code {f['failed_push']['exit_code']}, clear message: "
+                  f"{f['failed_push']['clear_message']}, local model kept: {f['failed_push']['local_model_kept']}"]
         if report.get("app"):
             a = report["app"]
             lines += ["", "App:", ""] + [f"- {k}: {v}" for k, v in a.items()]

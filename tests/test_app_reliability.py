@@ -51,6 +51,11 @@ def test_log_watch_ignores_gradio_refusals_and_reports_other_exceptions(tmp_path
                 "2026-01-01 10:00:01,000 ERROR tshsr.app: request failed:\n")
     problems = watch.new_problems()
     assert "ValueError: boom" in problems and "request failed" in problems
+    with log.open("a") as f:  # Gradio refusing a path it did not receive as an upload, or bad FileData
+        f.write("gradio.exceptions.InvalidPathError: Cannot move /etc/hostname to the gradio cache dir\n"
+                "pydantic_core._pydantic_core.ValidationError: 1 validation error for FileData\n"
+                "pydantic_core._pydantic_core.ValidationError: 1 validation error for Settings\n")
+    assert watch.new_problems() == ["pydantic_core._pydantic_core.ValidationError: 1 validation error for Settings"]
     assert watch.new_problems() == []  # only new lines count
 
 
