@@ -426,3 +426,22 @@ def test_config_unknown_preset_and_fields() -> None:
         TSHSRConfig.from_dict(data)
     # A config without context still validates when context units are zero.
     TSHSRConfig.preset("flat", context_units_text=0, context_units_image=0)
+
+
+def test_encoding_cat_pads_and_can_consume_its_parts(make_model, regions, captions) -> None:
+    model = make_model("tshsr")
+    short, long = model.encode_texts(captions[:2]), model.encode_texts(captions[2:])
+    assert short.units.shape[1] != long.units.shape[1]
+    parts = [short, long]
+    joined = type(short).cat(parts, consume=True)
+    assert parts == [None, None]  # dropped as copied
+    width = joined.units.shape[1]
+    assert width == max(short.units.shape[1], long.units.shape[1])
+    for got, part, rows in ((joined[:2], short, 2), (joined[2:], long, len(captions) - 2)):
+        n = part.units.shape[1]
+        assert torch.equal(got.units[:, :n], part.units) and not got.mask[:, n:].any()
+        assert torch.equal(got.units[:, n:], torch.zeros(rows, width - n, part.units.shape[2]))
+        assert torch.equal(got.membership[..., :n], part.membership) and torch.equal(got.context, part.context)
+    images = model.encode_images(regions)
+    assert torch.allclose(model.score_encoded(images, joined).scores,
+                          model.score_encoded(images, model.encode_texts(captions)).scores, atol=TOL, rtol=0)

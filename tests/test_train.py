@@ -66,7 +66,11 @@ def test_tiny_run_trains_validates_and_loads(data, tmp_path):
     model = TSHSRModel.from_pretrained(out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["rsum"] == max(v["rsum"] for v in validations)  # the best epoch is the one kept
-    assert (out / "vocab.json").exists() and "RSUM" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert (out / "vocab.json").exists() and "RSUM" in card
+    best = max(validations, key=lambda v: v["rsum"])
+    assert card.count("(best, kept)") == 1 and all(f"{e}: " in card for e in (1, 2, 3))  # every epoch listed
+    assert f"{best['rsum']:.1f} (best, kept)" in card
     regions = np.load(data / "dev_ims.npy")[:3]
     out_scores = model.score(regions, ["a big red cat", "a small blue boat"])
     assert out_scores.scores.shape == (3, 2)

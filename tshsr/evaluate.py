@@ -71,14 +71,17 @@ def encode_split(model, split: ImageCaptionSplit, batch_size: int = 32, text_bat
                 batch = split.images(range(start, stop))[:]
             parts.append(model.encode_images(batch, batch_size=batch_size, progress=False))
             bar.update(stop - start)
-    images = parts[0].cat(parts) if len(parts) > 1 else parts[0]
+    images = type(parts[0]).cat(parts, consume=True)
     parts = []
     with _bar(split.n_captions, "encode texts", "cap", progress) as bar:
         for start in range(0, split.n_captions, text_batch_size):
             batch = split.captions[start : start + text_batch_size]
             parts.append(model.encode_texts(batch, batch_size=text_batch_size, progress=False))
             bar.update(len(batch))
-    texts = parts[0].cat(parts) if len(parts) > 1 else parts[0]
+    texts = type(parts[0]).cat(parts, consume=True)
+    from .model import release_free_memory
+
+    release_free_memory()
     return images, texts
 
 

