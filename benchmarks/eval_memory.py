@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from tshsr import TSHSRConfig, TSHSRModel, Vocabulary  # noqa: E402
-from tshsr.evaluate import score_split  # noqa: E402
+from tshsr.evaluate import TRIM_EVERY_BATCHES, score_split  # noqa: E402
 from tshsr.model import release_free_memory  # noqa: E402
 from tshsr.metrics import retrieval_metrics  # noqa: E402
 
@@ -48,15 +48,18 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def encode(model: TSHSRModel, n: int, units: int, dim: int, images: bool, chunk: int = 500):
+def encode(model: TSHSRModel, n: int, units: int, dim: int, images: bool):
     """Random unit features encoded chunk by chunk (never the whole raw tensor at once), joined
     the way tshsr.evaluate.encode_split joins its batches."""
     parts = []
+    chunk = 32 if images else 128  # encode_split's batch sizes
     for start in range(0, n, chunk):
         size = min(chunk, n - start)
         feats, mask = torch.randn(size, units, dim), torch.ones(size, units, dtype=torch.bool)
         enc = (model.encode_image_features if images else model.encode_text_features)(feats, mask)
         parts.append(enc)
+        if len(parts) % TRIM_EVERY_BATCHES == 0:
+            release_free_memory()
     return type(parts[0]).cat(parts, consume=True)  # as tshsr.evaluate.encode_split does
 
 

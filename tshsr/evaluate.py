@@ -33,6 +33,7 @@ COCO_FOLD_SIZE = 1000
 PAIR_BATCH = 4096
 # Pairs per exhaustive scoring call: small enough that the progress bar moves every few seconds.
 SCORE_BLOCK_PAIRS = 1 << 16
+TRIM_EVERY_BATCHES = 16  # encoding batches between hand-backs of freed memory (glibc malloc_trim)
 
 
 @contextlib.contextmanager
@@ -58,8 +59,11 @@ def encode_split(model, split: ImageCaptionSplit, batch_size: int = 32, text_bat
                  progress: bool = True):
     """Encode every image and caption of ``split`` once: ``(ImageEncoding, TextEncoding)``.
 
-    Images are read ``batch_size`` at a time, so a large split is never decoded all at once.
+    Images are read ``batch_size`` at a time, so a large split is never decoded all at once; the
+    memory that each batch's temporaries leave behind is handed back to the OS as it goes.
     """
+    from .model import release_free_memory
+
     parts = []
     with _bar(len(split), "encode images", "img", progress) as bar:
         for start in range(0, len(split), batch_size):
@@ -70,6 +74,8 @@ def encode_split(model, split: ImageCaptionSplit, batch_size: int = 32, text_bat
             else:
                 batch = split.images(range(start, stop))[:]
             parts.append(model.encode_images(batch, batch_size=batch_size, progress=False))
+            if len(parts) % TRIM_EVERY_BATCHES == 0:
+                release_free_memory()
             bar.update(stop - start)
     images = type(parts[0]).cat(parts, consume=True)
     parts = []
@@ -77,10 +83,10 @@ def encode_split(model, split: ImageCaptionSplit, batch_size: int = 32, text_bat
         for start in range(0, split.n_captions, text_batch_size):
             batch = split.captions[start : start + text_batch_size]
             parts.append(model.encode_texts(batch, batch_size=text_batch_size, progress=False))
+            if len(parts) % TRIM_EVERY_BATCHES == 0:
+                release_free_memory()
             bar.update(len(batch))
     texts = type(parts[0]).cat(parts, consume=True)
-    from .model import release_free_memory
-
     release_free_memory()
     return images, texts
 
@@ -211,12 +217,18 @@ def score_split(model, images, texts, caption_image: np.ndarray, rerank_k: int |
     if rerank_k is None:
         scores = np.empty((n_images, n_texts), dtype=np.float32)
         rows = max(1, SCORE_BLOCK_PAIRS // max(n_texts, 1))
+        from .model import release_free_memory
+
         with _bar(n_images, "score", "img", progress) as bar:
-            for start in range(0, n_images, rows):
+            for chunk, start in enumerate(range(0, n_images, rows)):
                 stop = min(start + rows, n_images)
                 out = model.score_encoded(images[start:stop], texts, progress=False, compile=compile)
                 scores[start:stop] = out.scores.float().cpu().numpy()
+                del out
+                if chunk % 64 == 63:  # the worker threads' freed blocks back to the OS (bounded memory)
+                    release_free_memory()
                 bar.update(stop - start)
+        release_free_memory()
         return SplitScores(caption_image=caption_image, scores=scores)
     if rerank_k <= 0:
         raise ValueError(f"rerank_k must be a positive number of items, got {rerank_k}")

@@ -26,9 +26,9 @@ __all__ = ["RECALL_KS", "retrieval_ranks", "retrieval_metrics", "recalls_from_ra
 
 RECALL_KS = (1, 5, 10)
 
-# Elements compared at a time: bounds the temporaries (16 MB boolean, 64 MB float32 matrices) for
+# Elements compared at a time: bounds the temporaries (4 MB boolean, 16 MB float32 matrices) for
 # any split; the 5K x 25K COCO evaluation stays within 4 GB of host memory (benchmarks/eval_memory.py).
-_BLOCK_ELEMENTS = 1 << 24
+_BLOCK_ELEMENTS = 1 << 22
 
 
 def _as_numpy(scores: Any) -> np.ndarray:
