@@ -554,10 +554,12 @@ class TSHSRModel(
 
         blocks = [(i, t) for i in range(0, ni, bi) for t in range(0, nt, bt)]
         for i0, t0 in tqdm(blocks, desc="score", disable=not progress, unit="block"):
-            ii, tt = padded(i0, bi, ni), padded(t0, bt, nt)
             mi, mt = min(bi, ni - i0), min(bt, nt - t0)
+            # Full blocks are views (no copy); only the last, short ones are padded to the shape.
+            img = _fields(images[i0:i0 + bi]) if mi == bi else _gather(images, padded(i0, bi, ni))
+            txt = _fields(texts[t0:t0 + bt]) if mt == bt else _gather(texts, padded(t0, bt, nt))
             try:
-                block = self._compiled_block(_gather(images, ii), _gather(texts, tt), bi, bt)
+                block = self._compiled_block(img, txt, bi, bt)
             except Exception as err:  # inductor's failures (no compiler, unsupported op) are long and deep
                 if (i0, t0) != blocks[0]:
                     raise
