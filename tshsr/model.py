@@ -408,17 +408,15 @@ class TSHSRModel(
     def _run_heads(self, img: dict, txt: dict, cosine: torch.Tensor, return_attention: bool,
                    grid: tuple[int, int] | None) -> TSHSROutput:
         cfg = self.config
-        contributions, level_scores, weights, stream_scores, maps = {}, {}, {}, {}, {}
+        contributions, level_scores, stream_scores, maps = {}, {}, {}, {}
         if cfg.head == "dual":
             contributions["dual/global"] = cosine
             level_scores["dual/global"] = cosine
-            weights["dual/global"] = 1.0
             stream_scores["dual"] = cosine
         elif cfg.head in ("sgr", "saf"):
             (key,) = cfg.contribution_keys
             score, stream_maps = self.sgraf(txt, img, want_maps=return_attention, grid=grid)
             contributions[key] = level_scores[key] = stream_scores["t2i"] = score
-            weights[key] = 1.0
             maps["t2i"] = stream_maps
         else:
             fusion = self.stream_weights()
@@ -432,11 +430,12 @@ class TSHSRModel(
                     factor = fusion[stream] * level_w[j]
                     contributions[key] = factor * value
                     level_scores[key] = value
-                    weights[key] = factor.detach() if torch.compiler.is_compiling() else float(factor.detach())
                     total = total + level_w[j] * value
                 stream_scores[stream] = total
                 maps[stream] = stream_maps
         scores = torch.stack(list(contributions.values()), 0).sum(0)
+        # The weights as plain floats; a compiled block (which returns tensors only) leaves them out.
+        weights = {} if torch.compiler.is_compiling() else self.mixing_weights()
         return TSHSROutput(scores=scores, contributions=contributions, level_scores=level_scores,
                            weights=weights, stream_scores=stream_scores, global_similarity=cosine,
                            attentions=maps if return_attention else None)
@@ -468,6 +467,7 @@ class TSHSRModel(
                 torch.stack([out.level_scores[k] for k in keys]),
                 torch.stack([out.stream_scores[s] for s in sorted(out.stream_scores)]), cosine)
 
+    @torch.no_grad()
     def mixing_weights(self) -> dict[str, float]:
         """The fixed weight of each ``"<stream>/<level>"`` contribution (level x stream weight)."""
         cfg = self.config
