@@ -48,6 +48,7 @@ from tshsr.explain import (  # noqa: E402
     region_words_figure,
     word_heatmaps,
 )
+from tshsr.io import glibc  # noqa: E402
 from tshsr.model import TextEncoding  # noqa: E402
 from tshsr.processing import MAX_IMAGE_PIXELS, MAX_TEXT_CHARS, load_image, validate_text  # noqa: E402
 from tshsr.retrieval import GalleryIndex  # noqa: E402
@@ -716,14 +717,10 @@ def limit_malloc_arenas(arenas: int) -> bool:
     Gradio runs each request on one of many worker threads; glibc gives threads their own arena,
     and the model's short-lived tensors left the server's memory ~25% larger after 320 concurrent
     requests and still growing (fragmentation, not a leak). With two arenas it levels off."""
-    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+    libc = glibc()
+    if os.environ.get("MALLOC_ARENA_MAX") or libc is None:
         return False
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-8, arenas))  # -8 = M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc
-        return False
+    return bool(libc.mallopt(-8, arenas))  # -8 = M_ARENA_MAX
 
 
 def main(argv=None) -> int:

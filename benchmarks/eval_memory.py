@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from tshsr import TSHSRConfig, TSHSRModel, Vocabulary  # noqa: E402
 from tshsr.evaluate import TRIM_EVERY_BATCHES, score_split  # noqa: E402
-from tshsr.model import release_free_memory  # noqa: E402
+from tshsr.io import release_free_memory  # noqa: E402
 from tshsr.metrics import retrieval_metrics  # noqa: E402
 
 LIMIT_GB = 4.0

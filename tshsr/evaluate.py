@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import DATASETS, ImageCaptionSplit, load_split
+from .io import release_free_memory
 from .metrics import fold_ranges, mean_metrics, retrieval_metrics
 
 __all__ = ["SplitScores", "encode_split", "score_split", "evaluate_model", "format_table", "main"]
@@ -62,8 +63,6 @@ def encode_split(model, split: ImageCaptionSplit, batch_size: int = 32, text_bat
     Images are read ``batch_size`` at a time, so a large split is never decoded all at once; the
     memory that each batch's temporaries leave behind is handed back to the OS as it goes.
     """
-    from .model import release_free_memory
-
     parts = []
     with _bar(len(split), "encode images", "img", progress) as bar:
         for start in range(0, len(split), batch_size):
@@ -217,8 +216,6 @@ def score_split(model, images, texts, caption_image: np.ndarray, rerank_k: int |
     if rerank_k is None:
         scores = np.empty((n_images, n_texts), dtype=np.float32)
         rows = max(1, SCORE_BLOCK_PAIRS // max(n_texts, 1))
-        from .model import release_free_memory
-
         with _bar(n_images, "score", "img", progress) as bar:
             for chunk, start in enumerate(range(0, n_images, rows)):
                 stop = min(start + rows, n_images)

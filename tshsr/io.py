@@ -1,8 +1,10 @@
-"""Crash-safe file writes shared by checkpoints, gallery indexes and caches."""
+"""Crash-safe file writes shared by checkpoints, gallery indexes and caches, and the glibc memory
+controls used by the evaluation and the app."""
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -30,3 +32,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def glibc():
+    """The C library as a ctypes handle when it is glibc on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - glibc has both
+        return libc
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_free_memory() -> bool:
+    """Hand the heap memory that freed tensors left behind back to the OS (glibc ``malloc_trim``).
+
+    Encoding a large split frees many mid-sized temporaries that glibc keeps mapped: without this a
+    5,000 x 25,000 evaluation held ~2 GB more than its live data (benchmarks/eval_memory.py)."""
+    libc = glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False

@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from .encoders import (
 )
 from .heads import SGRAFHead, StreamHead, l2norm, masked_softmax
 from .io import atomic_write as _atomic_write
+from .io import release_free_memory
 from .processing import InvalidInputError, TSHSRProcessor, Vocabulary
 
 WEIGHTS_NAME = "model.safetensors"
@@ -44,21 +44,6 @@ class CheckpointError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 # Encodings of one side (image or text), independent of the other side
 # ----------------------------------------------------------------------------------------------
-def release_free_memory() -> bool:
-    """Hand the heap memory that freed tensors left behind back to the OS (glibc ``malloc_trim``).
-
-    Encoding a large split frees many mid-sized temporaries that glibc keeps mapped: without this a
-    5,000 x 25,000 evaluation held ~2 GB more than its live data (benchmarks/eval_memory.py)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):  # not glibc
-        return False
-
-
 @dataclass
 class Encoding:
     """Per-item tensors of one modality, computed once and reused for every pair.
