@@ -99,9 +99,7 @@ def main() -> int:
     peak = peak_gflops()  # measured again after scoring; the higher one is used (conservative)
     block = args.block_pairs or model.auto_block_pairs(img, txt)
     start = time.perf_counter()
-    bt = min(args.captions, block)
-    bt = -(-args.captions // -(-args.captions // bt))
-    bi = min(args.images, max(1, block // bt))  # the block shape score_encoded will use
+    bi, bt = model.block_shape(img, txt, block)  # the block shape score_encoded will use
     model.score_encoded(img[:bi], txt[:bt], block_pairs=block, compile=args.compile)  # warm-up (and compilation)
     warmup_seconds = time.perf_counter() - start
     seconds = float("inf")

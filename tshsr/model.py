@@ -106,6 +106,9 @@ class Encoding:
         few hundred MB), so joining a large split needs about the result's memory, not twice it."""
         if not parts:
             raise ValueError("Nothing to concatenate")
+        if consume and len(parts) == 1:  # nothing to join: hand the part over instead of copying it
+            part, parts[0] = parts[0], None
+            return part
         width = max(p.units.shape[1] for p in parts)
         total = sum(len(p) for p in parts)
         out: dict[str, torch.Tensor | None] = {}
@@ -442,6 +445,17 @@ class TSHSRModel(
         budget = 1_000_000 * min(4, torch.get_num_threads())  # floats of attended vectors per block
         return int(min(4096, max(128, budget // max(1, units * images.units.shape[2]))))
 
+    def block_shape(self, images: Encoding, texts: Encoding, block_pairs: int | None = None) -> tuple[int, int]:
+        """(images, texts) per exhaustive block of about ``block_pairs`` pairs (default
+        :meth:`auto_block_pairs`): as many texts as fit, evened out over the blocks (less padding
+        when compiled), then as many images as the rest allows."""
+        ni, nt = len(images), len(texts)
+        if block_pairs is None:
+            block_pairs = self.auto_block_pairs(images, texts)
+        bt = min(nt, max(1, block_pairs))
+        bt = -(-nt // -(-nt // bt))  # the same number of blocks, evened out
+        return min(ni, max(1, block_pairs // bt)), bt
+
     def _block_tensors(self, img: dict, txt: dict, n_images: int, n_texts: int):
         """One exhaustive block as a tuple of tensors (scores, contributions, level scores, stream
         scores, cosine): the unit that ``torch.compile`` fuses in :meth:`score_encoded`."""
@@ -479,11 +493,7 @@ class TSHSRModel(
         ni, nt = len(images), len(texts)
         if ni == 0 or nt == 0:
             raise InvalidInputError("Need at least one image and one text to score")
-        if block_pairs is None:
-            block_pairs = self.auto_block_pairs(images, texts)
-        bt = min(nt, max(1, block_pairs))
-        bt = -(-nt // -(-nt // bt))  # the same number of blocks, evened out (less padding when compiled)
-        bi = min(ni, max(1, block_pairs // bt))
+        bi, bt = self.block_shape(images, texts, block_pairs)
         if compile and not return_attention:
             return self._score_encoded_compiled(images, texts, bi, bt, progress)
         device = images.device
