@@ -30,8 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from tshsr import TSHSRConfig, TSHSRModel, Vocabulary  # noqa: E402
-from tshsr.evaluate import TRIM_EVERY_BATCHES, score_split  # noqa: E402
-from tshsr.io import release_free_memory  # noqa: E402
+from tshsr.evaluate import join_encoded, score_split  # noqa: E402
 from tshsr.metrics import retrieval_metrics  # noqa: E402
 
 LIMIT_GB = 4.0
@@ -49,18 +48,16 @@ def peak_gb() -> float:
 
 
 def encode(model: TSHSRModel, n: int, units: int, dim: int, images: bool):
-    """Random unit features encoded chunk by chunk (never the whole raw tensor at once), joined
-    the way tshsr.evaluate.encode_split joins its batches."""
-    parts = []
-    chunk = 32 if images else 128  # encode_split's batch sizes
-    for start in range(0, n, chunk):
-        size = min(chunk, n - start)
-        feats, mask = torch.randn(size, units, dim), torch.ones(size, units, dtype=torch.bool)
-        enc = (model.encode_image_features if images else model.encode_text_features)(feats, mask)
-        parts.append(enc)
-        if len(parts) % TRIM_EVERY_BATCHES == 0:
-            release_free_memory()
-    return type(parts[0]).cat(parts, consume=True)  # as tshsr.evaluate.encode_split does
+    """Random unit features encoded in encode_split's batch sizes and joined by the same code."""
+    chunk = 32 if images else 128
+    side = model.encode_image_features if images else model.encode_text_features
+
+    def batches():
+        for start in range(0, n, chunk):
+            size = min(chunk, n - start)
+            yield side(torch.randn(size, units, dim), torch.ones(size, units, dtype=torch.bool))
+
+    return join_encoded(batches())
 
 
 @torch.no_grad()
@@ -84,7 +81,6 @@ def main() -> int:
     base = rss_gb()
     images = encode(model, args.images, args.regions, args.embed_dim, images=True)
     texts = encode(model, args.captions, args.words, args.embed_dim, images=False)
-    release_free_memory()  # as tshsr.evaluate.encode_split does after encoding
     encoded = rss_gb()
     scores = np.empty((args.images, args.captions), dtype=np.float32)
     scores.fill(0.0)  # resident, as the engine's full matrix would be

@@ -13,7 +13,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,38 +56,47 @@ def _bar(total: int, desc: str, unit: str, progress: bool) -> tqdm:
 # ----------------------------------------------------------------------------------------------
 # Encoding
 # ----------------------------------------------------------------------------------------------
+def join_encoded(batches: Iterable) -> Any:
+    """Join per-batch encodings (an iterable of ``Encoding``) into one. The memory each batch's
+    temporaries leave behind is handed back to the OS as it goes and the parts are dropped as they
+    are copied, so a large split needs about its encodings' memory, not twice it."""
+    parts = []
+    for part in batches:
+        parts.append(part)
+        if len(parts) % TRIM_EVERY_BATCHES == 0:
+            release_free_memory()
+    joined = type(parts[0]).cat(parts, consume=True)
+    release_free_memory()
+    return joined
+
+
 def encode_split(model, split: ImageCaptionSplit, batch_size: int = 32, text_batch_size: int = 128,
                  progress: bool = True):
     """Encode every image and caption of ``split`` once: ``(ImageEncoding, TextEncoding)``.
 
-    Images are read ``batch_size`` at a time, so a large split is never decoded all at once; the
-    memory that each batch's temporaries leave behind is handed back to the OS as it goes.
+    Images are read ``batch_size`` at a time, so a large split is never decoded all at once.
     """
-    parts = []
-    with _bar(len(split), "encode images", "img", progress) as bar:
-        for start in range(0, len(split), batch_size):
-            stop = min(start + batch_size, len(split))
-            if split.regions is not None:
-                # A copy: memmapped rows are read-only, and torch warns about sharing them.
-                batch = np.array(split.regions[start:stop], dtype=np.float32)
-            else:
-                batch = split.images(range(start, stop))[:]
-            parts.append(model.encode_images(batch, batch_size=batch_size, progress=False))
-            if len(parts) % TRIM_EVERY_BATCHES == 0:
-                release_free_memory()
-            bar.update(stop - start)
-    images = type(parts[0]).cat(parts, consume=True)
-    parts = []
-    with _bar(split.n_captions, "encode texts", "cap", progress) as bar:
-        for start in range(0, split.n_captions, text_batch_size):
-            batch = split.captions[start : start + text_batch_size]
-            parts.append(model.encode_texts(batch, batch_size=text_batch_size, progress=False))
-            if len(parts) % TRIM_EVERY_BATCHES == 0:
-                release_free_memory()
-            bar.update(len(batch))
-    texts = type(parts[0]).cat(parts, consume=True)
-    release_free_memory()
-    return images, texts
+
+    def image_batches():
+        with _bar(len(split), "encode images", "img", progress) as bar:
+            for start in range(0, len(split), batch_size):
+                stop = min(start + batch_size, len(split))
+                if split.regions is not None:
+                    # A copy: memmapped rows are read-only, and torch warns about sharing them.
+                    batch = np.array(split.regions[start:stop], dtype=np.float32)
+                else:
+                    batch = split.images(range(start, stop))[:]
+                yield model.encode_images(batch, batch_size=batch_size, progress=False)
+                bar.update(stop - start)
+
+    def text_batches():
+        with _bar(split.n_captions, "encode texts", "cap", progress) as bar:
+            for start in range(0, split.n_captions, text_batch_size):
+                batch = split.captions[start : start + text_batch_size]
+                yield model.encode_texts(batch, batch_size=text_batch_size, progress=False)
+                bar.update(len(batch))
+
+    return join_encoded(image_batches()), join_encoded(text_batches())
 
 
 # ----------------------------------------------------------------------------------------------
