@@ -210,3 +210,36 @@ def test_cli_rejects_unknown_dataset(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--model", "x", "--dataset", "flickr9k"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_auto_compile_only_pays_on_large_cpu_runs(model, monkeypatch) -> None:
+    from tshsr.evaluate import AUTO_COMPILE_PAIRS, resolve_compile
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(evaluate_module, "_cxx_compiler", lambda: "/usr/bin/g++")
+    assert resolve_compile(True, model, 10, cpu) and not resolve_compile(False, model, 10**9, cpu)
+    assert not resolve_compile("auto", model, AUTO_COMPILE_PAIRS - 1, cpu)
+    assert resolve_compile("auto", model, AUTO_COMPILE_PAIRS, cpu)
+    assert not resolve_compile("auto", model, AUTO_COMPILE_PAIRS, torch.device("meta"))
+    monkeypatch.setattr(evaluate_module, "_cxx_compiler", lambda: None)
+    assert not resolve_compile("auto", model, AUTO_COMPILE_PAIRS, cpu)
+
+
+def test_auto_compile_falls_back_to_eager_when_compiling_fails(model, split, encoded, monkeypatch, capsys) -> None:
+    """compile="auto" must not lose an evaluation to a missing compiler: it says so and scores uncompiled;
+    an explicit compile=True still fails loudly."""
+    images, texts, expected, _ = encoded
+    monkeypatch.setattr(evaluate_module, "resolve_compile", lambda compile, *a: compile is not False)
+    real = model.score_encoded
+
+    def no_compiler(*args, compile=False, **kwargs):
+        if compile:
+            raise RuntimeError("torch.compile could not build the scoring block (no g++)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "score_encoded", no_compiler)
+    scored = evaluate_module.score_split(model, images, texts, split.caption_image, progress=False, compile="auto")
+    assert np.allclose(scored.scores, expected.numpy(), atol=1e-6)
+    assert "scoring uncompiled" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="could not build"):
+        evaluate_module.score_split(model, images, texts, split.caption_image, progress=False, compile=True)

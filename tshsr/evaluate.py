@@ -34,6 +34,9 @@ COCO_FOLD_SIZE = 1000
 PAIR_BATCH = 4096
 # Pairs per exhaustive scoring call: small enough that the progress bar moves every few seconds.
 SCORE_BLOCK_PAIRS = 1 << 16
+# compile="auto" compiles exhaustive CPU scoring from this many pairs on: there the one-off compilation
+# (30-75 s on 2 cores) is repaid (the compiled engine scores 1.3-1.6x faster: docs/RESULTS.md).
+AUTO_COMPILE_PAIRS = 2_000_000
 TRIM_EVERY_BATCHES = 16  # encoding batches between hand-backs of freed memory (glibc malloc_trim)
 
 
@@ -216,19 +219,48 @@ class SplitScores:
         return mean_metrics(folds)
 
 
+def _cxx_compiler() -> str | None:
+    import os
+    import shutil
+
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def resolve_compile(compile: bool | str, model, n_pairs: int, device: torch.device) -> bool:
+    """``compile`` as a bool: ``"auto"`` compiles exhaustive scoring on CPU when there are at least
+    :data:`AUTO_COMPILE_PAIRS` pairs, the head has a cross-attention part and a C++ compiler is found."""
+    if compile != "auto":
+        return bool(compile)
+    return (device.type == "cpu" and n_pairs >= AUTO_COMPILE_PAIRS and model.config.head != "dual"
+            and _cxx_compiler() is not None)
+
+
 def score_split(model, images, texts, caption_image: np.ndarray, rerank_k: int | None = None,
-                progress: bool = True, compile: bool = False) -> SplitScores:
+                progress: bool = True, compile: bool | str = False) -> SplitScores:
     """Score encoded images against encoded captions, exhaustively or as two-stage retrieval
-    (``compile``: exhaustive blocks through torch.compile, see ``TSHSRModel.score_encoded``)."""
+    (``compile``: exhaustive blocks through torch.compile, see ``TSHSRModel.score_encoded``;
+    ``"auto"``: see :func:`resolve_compile`; if compiling fails then, scoring goes on uncompiled)."""
     caption_image = np.asarray(caption_image, dtype=np.int64)
     n_images, n_texts = len(images), len(texts)
+    auto = compile == "auto"
     if rerank_k is None:
+        compile = resolve_compile(compile, model, n_images * n_texts, images.device)
+        if auto and compile and progress:
+            print("note: compiling the scoring engine first (torch.compile, up to a minute; --no-compile skips it)",
+                  file=sys.stderr)
         scores = np.empty((n_images, n_texts), dtype=np.float32)
         rows = max(1, SCORE_BLOCK_PAIRS // max(n_texts, 1))
         with _bar(n_images, "score", "img", progress) as bar:
             for chunk, start in enumerate(range(0, n_images, rows)):
                 stop = min(start + rows, n_images)
-                out = model.score_encoded(images[start:stop], texts, progress=False, compile=compile)
+                try:
+                    out = model.score_encoded(images[start:stop], texts, progress=False, compile=compile)
+                except RuntimeError as err:
+                    if not (auto and compile and chunk == 0):
+                        raise
+                    print(f"note: scoring uncompiled: {err}", file=sys.stderr)
+                    compile = False
+                    out = model.score_encoded(images[start:stop], texts, progress=False)
                 scores[start:stop] = out.scores.float().cpu().numpy()
                 del out
                 if chunk % 64 == 63:  # the worker threads' freed blocks back to the OS (bounded memory)
@@ -262,7 +294,7 @@ def _result(metrics: dict[str, Any], split: ImageCaptionSplit, seconds: float) -
 
 def evaluate_split(model, split: ImageCaptionSplit, rerank_k: int | None = None, batch_size: int = 32,
                    progress: bool = True, coco_1k: bool = False,
-                   fold_size: int = COCO_FOLD_SIZE, compile: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                   fold_size: int = COCO_FOLD_SIZE, compile: bool | str = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """:func:`evaluate_model` plus, with ``coco_1k``, the 1K-fold result (same schema)."""
     start = time.perf_counter()
     with eval_mode(model):
@@ -337,9 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--coco-1k", action="store_true",
                         help="also report the 1K-fold mean (automatic for --dataset coco --split test)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--compile", action="store_true",
-                        help="exhaustive scoring through torch.compile: faster on large splits after a "
-                             "one-off compilation (needs a C++ compiler on CPU)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="exhaustive scoring through torch.compile, faster after a one-off compilation (on CPU "
+                             "it needs a C++ compiler); default: on for CPU runs of at least "
+                             f"{AUTO_COMPILE_PAIRS:,} pairs when g++ is found")
     return parser
 
 
@@ -359,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: no 1K folds: {len(split)} images is not a multiple of {COCO_FOLD_SIZE}", file=sys.stderr)
     result, folds = evaluate_split(model, split, rerank_k=args.rerank_k, batch_size=args.batch_size,
                                    progress=progress, coco_1k=want_1k and can_1k, fold_size=COCO_FOLD_SIZE,
-                                   compile=args.compile)
+                                   compile="auto" if args.compile is None else args.compile)
     protocol = "exhaustive" if args.rerank_k is None else f"two-stage, rerank top {args.rerank_k}"
     title = (f"{args.model} on {split.name}: {result['n_images']} images, {result['n_captions']} captions "
              f"({protocol}, {device}), {result['seconds']:.1f} s")
