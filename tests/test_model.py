@@ -248,6 +248,22 @@ def test_compiled_scoring_matches_eager(preset, make_model, regions, captions) -
         assert torch.allclose(value, eager.contributions[key], atol=TOL, rtol=0), key
 
 
+@pytest.mark.parametrize("preset", ["tshsr", "sgr"])
+def test_bf16_scoring_is_close_and_returns_fp32(preset, make_model, regions, captions) -> None:
+    """precision="bf16" is what a GPU gets by default (exercised here through CPU autocast): the
+    products run in bf16, the results come back in fp32 and near the fp32 scores."""
+    model = make_model(preset)
+    images, texts = model.encode_images(regions), model.encode_texts(captions)
+    full = model.score_encoded(images, texts, block_pairs=8)
+    half = model.score_encoded(images, texts, block_pairs=8, precision="bf16")
+    assert half.scores.dtype == torch.float32 and half.scores.shape == full.scores.shape
+    assert torch.allclose(half.scores, full.scores, atol=3e-2, rtol=0)
+    assert not torch.equal(half.scores, full.scores)  # bf16 did run
+    assert torch.equal(model.score_encoded(images, texts, block_pairs=8, precision="auto").scores, full.scores)
+    with pytest.raises(ValueError, match="precision"):
+        model.score_encoded(images, texts, precision="fp16")
+
+
 def test_score_pairs_rejects_mismatched_indices(make_model, regions, captions) -> None:
     model = make_model("tshsr")
     images, texts = model.encode_images(regions), model.encode_texts(captions)

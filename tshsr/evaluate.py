@@ -236,10 +236,11 @@ def resolve_compile(compile: bool | str, model, n_pairs: int, device: torch.devi
 
 
 def score_split(model, images, texts, caption_image: np.ndarray, rerank_k: int | None = None,
-                progress: bool = True, compile: bool | str = False) -> SplitScores:
+                progress: bool = True, compile: bool | str = False, precision: str = "auto") -> SplitScores:
     """Score encoded images against encoded captions, exhaustively or as two-stage retrieval
     (``compile``: exhaustive blocks through torch.compile, see ``TSHSRModel.score_encoded``;
-    ``"auto"``: see :func:`resolve_compile`; if compiling fails then, scoring goes on uncompiled)."""
+    ``"auto"``: see :func:`resolve_compile`; if compiling fails then, scoring goes on uncompiled;
+    ``precision``: see ``TSHSRModel.score_encoded``, bf16 on a GPU by default)."""
     caption_image = np.asarray(caption_image, dtype=np.int64)
     n_images, n_texts = len(images), len(texts)
     auto = compile == "auto"
@@ -254,13 +255,14 @@ def score_split(model, images, texts, caption_image: np.ndarray, rerank_k: int |
             for chunk, start in enumerate(range(0, n_images, rows)):
                 stop = min(start + rows, n_images)
                 try:
-                    out = model.score_encoded(images[start:stop], texts, progress=False, compile=compile)
+                    out = model.score_encoded(images[start:stop], texts, progress=False, compile=compile,
+                                              precision=precision)
                 except RuntimeError as err:
                     if not (auto and compile and chunk == 0):
                         raise
                     print(f"note: scoring uncompiled: {err}", file=sys.stderr)
                     compile = False
-                    out = model.score_encoded(images[start:stop], texts, progress=False)
+                    out = model.score_encoded(images[start:stop], texts, progress=False, precision=precision)
                 scores[start:stop] = out.scores.float().cpu().numpy()
                 del out
                 if chunk % 64 == 63:  # the worker threads' freed blocks back to the OS (bounded memory)
@@ -294,13 +296,14 @@ def _result(metrics: dict[str, Any], split: ImageCaptionSplit, seconds: float) -
 
 def evaluate_split(model, split: ImageCaptionSplit, rerank_k: int | None = None, batch_size: int = 32,
                    progress: bool = True, coco_1k: bool = False,
-                   fold_size: int = COCO_FOLD_SIZE, compile: bool | str = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                   fold_size: int = COCO_FOLD_SIZE, compile: bool | str = False,
+                   precision: str = "auto") -> tuple[dict[str, Any], dict[str, Any] | None]:
     """:func:`evaluate_model` plus, with ``coco_1k``, the 1K-fold result (same schema)."""
     start = time.perf_counter()
     with eval_mode(model):
         images, texts = encode_split(model, split, batch_size=batch_size, progress=progress)
         scored = score_split(model, images, texts, split.caption_image, rerank_k=rerank_k, progress=progress,
-                             compile=compile)
+                             compile=compile, precision=precision)
         result = _result(scored.metrics(), split, time.perf_counter() - start)
         folds = None
         if coco_1k:
@@ -373,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="exhaustive scoring through torch.compile, faster after a one-off compilation (on CPU "
                              "it needs a C++ compiler); default: on for CPU runs of at least "
                              f"{AUTO_COMPILE_PAIRS:,} pairs when g++ is found")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="exhaustive scoring precision (default: bf16 autocast on a GPU, fp32 on CPU)")
     return parser
 
 
@@ -392,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: no 1K folds: {len(split)} images is not a multiple of {COCO_FOLD_SIZE}", file=sys.stderr)
     result, folds = evaluate_split(model, split, rerank_k=args.rerank_k, batch_size=args.batch_size,
                                    progress=progress, coco_1k=want_1k and can_1k, fold_size=COCO_FOLD_SIZE,
-                                   compile="auto" if args.compile is None else args.compile)
+                                   compile="auto" if args.compile is None else args.compile,
+                                   precision=args.precision)
     protocol = "exhaustive" if args.rerank_k is None else f"two-stage, rerank top {args.rerank_k}"
     title = (f"{args.model} on {split.name}: {result['n_images']} images, {result['n_captions']} captions "
              f"({protocol}, {device}), {result['seconds']:.1f} s")
