@@ -419,7 +419,6 @@ def _trim_row(encoding: TextEncoding, i: int) -> TextEncoding:
     return TextEncoding(
         units=encoding.units[i:i + 1, :n].clone(), mask=encoding.mask[i:i + 1, :n].clone(),
         pooled=encoding.pooled[i:i + 1].clone(), embedding=encoding.embedding[i:i + 1].clone(),
-        context=None if encoding.context is None else encoding.context[i:i + 1].clone(),
         membership=None if membership is None else membership[i:i + 1, :, :n].clone(),
     )
 

@@ -50,17 +50,22 @@ class Encoding:
 
     units [N, n, D] L2-normalised region/word vectors, mask [N, n] valid units, pooled [N, D]
     attention-pooled vector (for global similarity nodes), embedding [N, D] contrastive global
-    vector (cosine shortlist), context [N, C, D] learned context units and membership [N, C, n]
-    (how much each unit belongs to each context unit; rows sum to one), when the model has a
-    context level.
+    vector (cosine shortlist) and, when the model has a context level, membership [N, C, n] (how
+    much each unit belongs to each of the C learned context units; rows sum to one). The context
+    units themselves, :attr:`context`, are derived from these on use instead of stored: they are
+    cheap to recompute per block and would add C x D floats per item (0.5 GB for a COCO 5K split).
     """
 
     units: torch.Tensor
     mask: torch.Tensor
     pooled: torch.Tensor
     embedding: torch.Tensor
-    context: torch.Tensor | None = None
     membership: torch.Tensor | None = None
+
+    @property
+    def context(self) -> torch.Tensor | None:
+        """[N, C, D] context units: l2norm(membership @ units), or None without a context level."""
+        return None if self.membership is None else _context(self.units, self.membership)
 
     def __len__(self) -> int:
         return int(self.units.shape[0])
@@ -313,13 +318,11 @@ class TSHSRModel(
         raw_pooled = torch.bmm(weights.unsqueeze(1), feats.to(x.dtype)).squeeze(1)
         embedding = l2norm(embed(raw_pooled))
         units = l2norm(x) * mask.unsqueeze(-1)
-        context = membership = None
+        membership = None
         if context_queries is not None:
             logits = torch.einsum("cd,nkd->nck", context_queries, units) * math.sqrt(units.shape[-1])
             membership = masked_softmax(logits, mask.unsqueeze(1), dim=2)
-            context = l2norm(torch.bmm(membership, units))
-        return cls(units=units, mask=mask, pooled=pooled, embedding=embedding, context=context,
-                   membership=membership)
+        return cls(units=units, mask=mask, pooled=pooled, embedding=embedding, membership=membership)
 
     def encode_image_features(self, regions: torch.Tensor, mask: torch.Tensor) -> ImageEncoding:
         return self._encode_side(regions.float(), mask, self.image_proj, self.image_pool, self.image_embed,
@@ -792,12 +795,25 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
         raise CheckpointError(f"{path} is not a valid safetensors file (corrupt or truncated?): {exc}") from exc
 
 
+def _context(units: torch.Tensor, membership: torch.Tensor) -> torch.Tensor:
+    return l2norm(torch.bmm(membership, units), fresh=True)
+
+
+def _with_context(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors the heads read: the stored fields plus the derived context units."""
+    if "membership" in values:
+        values["context"] = _context(values["units"], values["membership"])
+    return values
+
+
 def _fields(encoding: Encoding) -> dict[str, torch.Tensor]:
-    return {f.name: getattr(encoding, f.name) for f in fields(encoding) if getattr(encoding, f.name) is not None}
+    return _with_context({f.name: getattr(encoding, f.name) for f in fields(encoding)
+                          if getattr(encoding, f.name) is not None})
 
 
 def _gather(encoding: Encoding, index: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {f.name: getattr(encoding, f.name)[index] for f in fields(encoding) if getattr(encoding, f.name) is not None}
+    return _with_context({f.name: getattr(encoding, f.name)[index] for f in fields(encoding)
+                          if getattr(encoding, f.name) is not None})
 
 
 def _assemble(chunks, ni: int, nt: int) -> torch.Tensor:
