@@ -123,9 +123,9 @@ def main() -> int:
                  f"| + full score matrix | {r['rss_with_score_matrix_gb']} |",
                  f"| peak over the whole run (encoding, scoring, recalls) | **{r['peak_rss_gb']}** |", "",
                  f"Target: within {LIMIT_GB:.0f} GB: **{'met' if r['within_limit'] else 'NOT met'}**. The encoded "
-                 f"captions take captions x (words + 6) x D x 4 bytes ({args.words} words here, plus 4 context "
-                 "units and 2 pooled vectors): captions padded to "
-                 "more words need proportionally more. Scoring rate here: "
+                 f"captions take captions x (words + 2) x D x 4 bytes ({args.words} words here, plus the pooled and "
+                 "embedding vectors; context units are derived per block, not stored): captions padded to "
+                 "more words need proportionally more. Scoring rate here (including any one-off compilation): "
                  f"{r['pairs_per_s']:.0f} pairs/s, so the whole 125M-pair run would take about "
                  f"{r['full_run_hours_at_this_rate']} h on this CPU (a GPU run is what this size is for)."]
         write_section("eval_memory", "\n".join(lines))
