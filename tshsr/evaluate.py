@@ -35,7 +35,7 @@ PAIR_BATCH = 4096
 # Pairs per exhaustive scoring call: small enough that the progress bar moves every few seconds.
 SCORE_BLOCK_PAIRS = 1 << 16
 # compile="auto" compiles exhaustive CPU scoring from this many pairs on: there the one-off compilation
-# (30-75 s on 2 cores) is repaid (the compiled engine scores 1.3-1.6x faster: docs/RESULTS.md).
+# (30-75 s on 2 cores) is repaid (the compiled engine scores 1.4-1.6x faster: docs/RESULTS.md).
 AUTO_COMPILE_PAIRS = 2_000_000
 TRIM_EVERY_BATCHES = 16  # encoding batches between hand-backs of freed memory (glibc malloc_trim)
 
@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="exhaustive scoring through torch.compile, faster after a one-off compilation (on CPU "
                              "it needs a C++ compiler); default: on for CPU runs of at least "
-                             f"{AUTO_COMPILE_PAIRS:,} pairs when g++ is found")
+                             f"{AUTO_COMPILE_PAIRS:,} pairs when a C++ compiler is found")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="exhaustive scoring precision (default: bf16 autocast on a GPU, fp32 on CPU)")
     return parser
