@@ -47,6 +47,10 @@ def parse_args(argv=None):
     g.add_argument("--image-feature-dim", type=int, default=d.image_feature_dim, help="precomp region size")
     g.add_argument("--text-encoder", default=d.text_encoder, choices=["transformers", "bigru"])
     g.add_argument("--text-model", default=d.text_model, help="transformers name or local folder")
+    g.add_argument("--stream-fusion", default=d.stream_fusion, choices=["learned", "equal"],
+                   help="stream weights: learned softmax, or fixed equal (cannot collapse)")
+    g.add_argument("--level-fusion", default=d.level_fusion, choices=["learned", "equal"],
+                   help="level weights within a stream: learned softmax, or fixed equal")
     g.add_argument("--finetune-text", action="store_true")
     g.add_argument("--finetune-image", action="store_true")
     g.add_argument("--text-lr-mult", type=float, default=d.text_lr_mult)
@@ -66,7 +70,13 @@ def parse_args(argv=None):
     g.add_argument("--hard-negatives", type=int, default=d.hard_negatives,
                    help="negatives per image and per caption mined by global similarity (-1: all pairs)")
     g.add_argument("--random-negatives", type=int, default=d.random_negatives)
-    g.add_argument("--aux-stream-weight", type=float, default=d.aux_stream_weight)
+    g.add_argument("--aux-stream-weight", type=float, default=d.aux_stream_weight,
+                   help="weight of a hinge on each stream's own score")
+    g.add_argument("--aux-level-weight", type=float, default=d.aux_level_weight,
+                   help="weight of a hinge on each stream/level score alone (every part a matcher)")
+    g.add_argument("--mine-pool", type=int, default=d.mine_pool,
+                   help="cosine proposes this many negatives per image and caption, the full model keeps "
+                        "the --hard-negatives it finds hardest (0: the cosine picks them)")
     g.add_argument("--contrastive-weight", type=float, default=d.contrastive_weight)
     g.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
     g.add_argument("--device", default=d.device)

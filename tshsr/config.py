@@ -40,7 +40,8 @@ class TSHSRConfig:
     context_units_text: int = 4  # learned soft-pooling units over words
     attention_smooth: float = 9.0  # lambda of SCAN's softmax(lambda * A)
     global_cosine: bool = True  # the global level also carries the dual-encoder cosine
-    stream_fusion: str = "learned"  # "learned" or "equal"
+    stream_fusion: str = "learned"  # "learned" (softmax weights) or "equal" (fixed, cannot collapse)
+    level_fusion: str = "learned"  # "learned" (softmax weights per stream) or "equal" (fixed 1/levels)
     logit_scale_init: float = 20.0  # temperature of the contrastive term on global vectors
 
     # --- image side ------------------------------------------------------------------------
@@ -100,8 +101,9 @@ class TSHSRConfig:
             bad("image_encoder='precomputed' needs image_feature_dim (e.g. 2048)")
         if self.text_encoder == "bigru" and self.vocab_size <= 0:
             bad("text_encoder='bigru' needs vocab_size > 0 (build it with tshsr.text.Vocabulary)")
-        if self.stream_fusion not in ("learned", "equal"):
-            bad(f"stream_fusion={self.stream_fusion!r}; expected 'learned' or 'equal'")
+        for name in ("stream_fusion", "level_fusion"):
+            if getattr(self, name) not in ("learned", "equal"):
+                bad(f"{name}={getattr(self, name)!r}; expected 'learned' or 'equal'")
         for name in ("embed_dim", "sim_dim", "max_text_length"):
             if getattr(self, name) <= 0:
                 bad(f"{name} must be positive")

@@ -204,10 +204,14 @@ class StreamHead(nn.Module):
         self.reasoning = HierarchicalReasoning(m, config.reasoning_steps, "context" in self.levels)
         # Starts leaning on the cosine of the contrastive global vectors: it learns fastest.
         self.cosine_mix = nn.Parameter(torch.tensor(2.0)) if self.global_cosine else None
-        self.level_logits = nn.Parameter(torch.zeros(len(self.levels)))
+        if config.level_fusion == "learned":
+            self.level_logits = nn.Parameter(torch.zeros(len(self.levels)))
 
     def level_weights(self) -> torch.Tensor:
-        return torch.softmax(self.level_logits, 0)
+        if hasattr(self, "level_logits"):
+            return torch.softmax(self.level_logits, 0)
+        # Fixed weights: the loss cannot turn a level down, it has to make it useful.
+        return self.local_readout.score.weight.new_full((len(self.levels),), 1.0 / len(self.levels))
 
     def forward(self, q, k, cosine, want_maps: bool = False, grid: tuple[int, int] | None = None):
         """q, k: dicts (units, mask, pooled, context, membership) of the query and key sides.

@@ -64,6 +64,10 @@ class TrainArgs:
     hard_negatives: int = 3  # per image and per caption, mined by global similarity; -1 = all pairs
     random_negatives: int = 1
     aux_stream_weight: float = 0.5
+    aux_level_weight: float = 0.0  # hinge on each stream/level score alone, so every part is a matcher
+    mine_pool: int = 0  # >0: the full model picks the hard negatives among this many cosine candidates
+    stream_fusion: str = "learned"
+    level_fusion: str = "learned"
     contrastive_weight: float = 1.0
     finetune_text: bool = False
     finetune_image: bool = False
@@ -111,7 +115,8 @@ def _resolve_device(name: str) -> torch.device:
 def build_config(args: TrainArgs, vocabulary: Vocabulary | None) -> TSHSRConfig:
     overrides = dict(embed_dim=args.embed_dim, sim_dim=args.sim_dim, image_backbone=args.image_backbone,
                      image_weights=args.image_weights, text_model=args.text_model, text_encoder=args.text_encoder,
-                     finetune_text=args.finetune_text, finetune_image=args.finetune_image)
+                     finetune_text=args.finetune_text, finetune_image=args.finetune_image,
+                     stream_fusion=args.stream_fusion, level_fusion=args.level_fusion)
     if args.dataset == "precomp":
         overrides.update(image_encoder="precomputed", image_feature_dim=args.image_feature_dim or 2048)
     if args.text_encoder == "bigru":
@@ -165,22 +170,43 @@ def compute_loss(model: TSHSRModel, images, image_mask, texts, text_mask, positi
     parts = {"contrastive": contrastive_loss(similarity, positive, scale)}
     loss = args.contrastive_weight * parts["contrastive"]
     if model.config.head != "dual":
-        candidate = mine_candidates(similarity, positive, args.hard_negatives, args.random_negatives, generator)
+        candidate = _mine(model, img, txt, similarity, positive, args, generator)
         pi, pt = candidate.nonzero(as_tuple=True)
         out = model.score_pairs(img, txt, pi, pt)
-        def matrix(values):
-            full = similarity.new_zeros(similarity.shape)
-            return full.index_put((pi, pt), values)
 
-        parts["hinge"] = hinge_loss(matrix(out.scores), positive, candidate, args.margin, hardest)
+        def hinge(values):
+            full = similarity.new_zeros(similarity.shape).index_put((pi, pt), values)
+            return hinge_loss(full, positive, candidate, args.margin, hardest)
+
+        parts["hinge"] = hinge(out.scores)
         loss = loss + parts["hinge"]
         if len(out.stream_scores) > 1 and args.aux_stream_weight > 0:
-            aux = sum(hinge_loss(matrix(v), positive, candidate, args.margin, hardest)
-                      for v in out.stream_scores.values()) / len(out.stream_scores)
-            parts["aux_streams"] = aux
-            loss = loss + args.aux_stream_weight * aux
+            parts["aux_streams"] = sum(hinge(v) for v in out.stream_scores.values()) / len(out.stream_scores)
+            loss = loss + args.aux_stream_weight * parts["aux_streams"]
+        if len(out.level_scores) > 1 and args.aux_level_weight > 0:
+            parts["aux_levels"] = sum(hinge(v) for v in out.level_scores.values()) / len(out.level_scores)
+            loss = loss + args.aux_level_weight * parts["aux_levels"]
         parts["pairs"] = torch.tensor(float(len(pi)))
     return loss, parts
+
+
+def _mine(model: TSHSRModel, img, txt, similarity, positive, args: TrainArgs, generator) -> torch.Tensor:
+    """Candidate pairs for the hinge: positives, hard negatives and random ones.
+
+    With ``mine_pool`` the cosine only proposes (its ``mine_pool`` nearest per image and per
+    caption) and the full model, without gradients, picks the ``hard_negatives`` it finds
+    hardest among them: the cross-attention parts then learn from their own mistakes instead of
+    the cosine's.
+    """
+    if args.mine_pool <= 0 or args.hard_negatives < 0:
+        return mine_candidates(similarity, positive, args.hard_negatives, args.random_negatives, generator)
+    pool = mine_candidates(similarity, positive, args.mine_pool, 0)
+    pi, pt = pool.nonzero(as_tuple=True)
+    with torch.no_grad():
+        scores = model.score_pairs(img, txt, pi, pt).scores.float()
+    model_similarity = similarity.detach().new_full(similarity.shape, float("-inf")).index_put((pi, pt), scores)
+    candidate = mine_candidates(model_similarity, positive, args.hard_negatives, args.random_negatives, generator)
+    return candidate
 
 
 def _lr_factor(args: TrainArgs, epoch_float: float) -> float:
@@ -343,10 +369,10 @@ def write_model_card(directory: Path, args: TrainArgs, metrics: dict | None, his
 
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def validate(model: TSHSRModel, source: BatchSource, rerank_k: int | None, device, progress: bool) -> dict:
-    from .evaluate import score_split
+def encode_source(model: TSHSRModel, source: BatchSource, device):
+    """Encode every image and caption of a split from its (cached) backbone features."""
+    from .model import ImageEncoding, TextEncoding
 
-    model.eval()
     split = source.split
     img_parts, txt_parts = [], []
     for start in range(0, len(split), 128):
@@ -355,9 +381,16 @@ def validate(model: TSHSRModel, source: BatchSource, rerank_k: int | None, devic
     for start in range(0, len(split.captions), 512):
         idx = np.arange(start, min(start + 512, len(split.captions)))
         txt_parts.append(model.encode_text_features(*source.texts(idx, device)))
-    from .model import ImageEncoding, TextEncoding
+    return ImageEncoding.cat(img_parts), TextEncoding.cat(txt_parts)
 
-    images, texts = ImageEncoding.cat(img_parts), TextEncoding.cat(txt_parts)
+
+@torch.no_grad()
+def validate(model: TSHSRModel, source: BatchSource, rerank_k: int | None, device, progress: bool) -> dict:
+    from .evaluate import score_split
+
+    model.eval()
+    split = source.split
+    images, texts = encode_source(model, source, device)
     t0 = time.time()
     metrics = score_split(model, images, texts, split.caption_image, rerank_k=rerank_k, progress=progress).metrics()
     metrics.update(n_images=len(split), n_captions=len(split.captions), seconds=round(time.time() - t0, 2),

@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""What each stream and each level of a trained model adds, on Flickr8k validation (1K).
+
+    python benchmarks/streams_diagnosis.py --model shipped=checkpoints/tshsr-flickr8k [--model NAME=DIR ...]
+        [--rerank-k 0] [--data-dir ../shared/data/flickr8k] [--threads N]
+
+For every model: R@1/5/10 and RSUM of the full score, of the cosine of its global vectors, of
+each of the six stream/level scores alone, of each stream alone, and leave-one-out (the full
+score without one stream's contributions, or without one level's). ``--rerank-k 0`` (default)
+scores all 5M pairs; ``--rerank-k K`` gives every ranker the same cosine top-K shortlist (cheap,
+for comparing training recipes). One JSON line per (model, protocol) goes to
+benchmarks/results/streams.jsonl (a model already recorded with the same weights is not
+rescored), and the "streams" section of docs/RESULTS.md is rewritten from all the records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from results_md import git_commit, machine, write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+STORE = ROOT / "benchmarks" / "results" / "streams.jsonl"
+
+
+def _digest(model_dir: Path) -> str:
+    return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
+
+
+def load_records(path: Path = STORE) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def diagnose(name: str, model_dir: Path, data_dir: str, rerank_k: int | None, cache_dir: str) -> dict:
+    import torch
+
+    from tshsr import TSHSRModel
+    from tshsr.analysis import part_metrics
+    from tshsr.data import load_split
+    from tshsr.training import BatchSource, encode_source
+
+    model = TSHSRModel.from_pretrained(model_dir)
+    split = load_split("imagefolder", "validation", data_dir=data_dir)
+    source = BatchSource(model, split, cache_dir, progress=True)
+    images, texts = encode_source(model, source, torch.device("cpu"))
+    start = time.time()
+    if rerank_k is None:
+        from tshsr.evaluate import resolve_compile
+
+        compile = resolve_compile("auto", model, len(images) * len(texts), images.device)
+        metrics = part_metrics(model, images, texts, split.caption_image,
+                               score_all=lambda: model.score_encoded(images, texts, progress=True, compile=compile))
+    else:
+        metrics = part_metrics(model, images, texts, split.caption_image, rerank_k=rerank_k)
+    return {"name": name, "model": str(model_dir), "weights": _digest(model_dir),
+            "protocol": "exhaustive" if rerank_k is None else f"rerank-{rerank_k}",
+            "mixing_weights": {k: round(v, 4) for k, v in model.mixing_weights().items()},
+            "metrics": {k: {"i2t": m["i2t"], "t2i": m["t2i"], "rsum": m["rsum"]} for k, m in metrics.items()},
+            "seconds": round(time.time() - start, 1), "n_images": len(split), "n_captions": len(split.captions),
+            "commit": git_commit(), "machine": machine()}
+
+
+def _row(label: str, m: dict, full: float | None) -> str:
+    delta = "" if full is None else f"{m['rsum'] - full:+.1f}"
+    return (f"| {label} | {m['i2t']['r1']:.1f} | {m['i2t']['r5']:.1f} | {m['i2t']['r10']:.1f} | "
+            f"{m['t2i']['r1']:.1f} | {m['t2i']['r5']:.1f} | {m['t2i']['r10']:.1f} | {m['rsum']:.1f} | {delta} |")
+
+
+def summarize(records: list[dict]) -> str:
+    lines = ["## Streams and levels: what each part adds (Flickr8k validation, 1,000 images / 5,000 captions)", "",
+             "Written by `python benchmarks/streams_diagnosis.py` from benchmarks/results/streams.jsonl. "
+             "*alone*: that score used as the only ranker; *without*: the full score minus that part's "
+             "contributions (leave-one-out); Δ is RSUM minus the full model's. Protocol `exhaustive` ranks all "
+             "5M pairs; `rerank-K` reranks the same cosine top-K shortlist with every ranker.", ""]
+    for rec in records:
+        metrics = rec["metrics"]
+        full = metrics["full"]["rsum"]
+        weights = ", ".join(f"{k} {v:.3f}" for k, v in rec["mixing_weights"].items())
+        lines += [f"### {rec['name']} ({rec['protocol']})", "",
+                  f"Model `{rec['model']}` (weights {rec['weights']}); mixing weights: {weights}. "
+                  f"Commit {rec['commit']}; {rec['machine']}; scoring took {rec['seconds']:.0f} s.", "",
+                  "| ranker | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM | Δ vs full |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for key, m in metrics.items():
+            label = key if key in ("full", "cosine") or key.startswith("without") else f"{key} alone"
+            lines.append(_row(label, m, None if key == "full" else full))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help="model to diagnose (repeatable)")
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
+    p.add_argument("--rerank-k", type=int, default=0, help="0: exhaustive; K: same cosine top-K shortlist for all")
+    p.add_argument("--cache-dir", default=str(ROOT / "cache" / "features"))
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--summary-only", action="store_true", help="rewrite the RESULTS section from the records")
+    args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    records = load_records()
+    rerank_k = args.rerank_k or None
+    protocol = "exhaustive" if rerank_k is None else f"rerank-{rerank_k}"
+    for spec in [] if args.summary_only else args.model:
+        name, _, directory = spec.partition("=")
+        model_dir = Path(directory or name)
+        done = any(r["name"] == name and r["protocol"] == protocol and r["weights"] == _digest(model_dir)
+                   for r in records)
+        if done:
+            print(f"{name}: already recorded ({protocol})")
+            continue
+        record = diagnose(name, model_dir, args.data_dir, rerank_k, args.cache_dir)
+        records = [r for r in records if not (r["name"] == name and r["protocol"] == protocol)] + [record]
+        STORE.parent.mkdir(parents=True, exist_ok=True)
+        STORE.write_text("".join(json.dumps(r) + "\n" for r in records))
+        print(json.dumps({k: v["rsum"] for k, v in record["metrics"].items()}, indent=1))
+    write_section("streams", summarize(records))
+
+
+if __name__ == "__main__":
+    main()

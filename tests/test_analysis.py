@@ -1,0 +1,119 @@
+"""Part-by-part diagnosis (tshsr.analysis), fixed fusion weights and the training levers that make
+every stream and level a matcher of its own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tshsr.analysis import part_metrics, rankers, shortlist_pairs
+from tshsr.metrics import retrieval_metrics
+from tshsr.training import TrainArgs, _mine, compute_loss
+
+
+def _encode(model, regions, captions):
+    images = model.encode_images(regions)
+    texts = model.encode_texts(captions)
+    return images, texts
+
+
+def test_rankers_leave_one_out_is_full_minus_the_part(make_model, regions, captions) -> None:
+    model = make_model("tshsr")
+    images, texts = _encode(model, regions, captions)
+    out = model.score_encoded(images, texts)
+    ranked = rankers(out.contributions, out.level_scores, out.stream_scores, out.global_similarity)
+    assert set(ranked) == {"full", "cosine", "i2t/local", "i2t/context", "i2t/global", "t2i/local", "t2i/context",
+                           "t2i/global", "i2t stream", "t2i stream", "without i2t", "without t2i",
+                           "without local", "without context", "without global"}
+    torch.testing.assert_close(ranked["full"], out.scores)
+    expected = out.scores - out.contributions["t2i/local"] - out.contributions["i2t/local"]
+    torch.testing.assert_close(ranked["without local"], expected)
+    # Without a stream, what is left is the other stream's score times its (positive) weight.
+    w = model.mixing_weights()
+    t2i_weight = sum(v for k, v in w.items() if k.startswith("t2i/"))
+    torch.testing.assert_close(ranked["without i2t"], t2i_weight * out.stream_scores["t2i"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ranked["i2t/context"], out.level_scores["i2t/context"])
+
+
+def test_rankers_of_a_single_part_model_have_no_breakdown(make_model, regions, captions) -> None:
+    model = make_model("sgr")
+    images, texts = _encode(model, regions, captions)
+    out = model.score_encoded(images, texts)
+    assert set(rankers(out.contributions, out.level_scores, out.stream_scores, out.global_similarity)) == {
+        "full", "cosine"}
+
+
+def test_part_metrics_exhaustive_matches_plain_metrics(make_model, regions, captions) -> None:
+    model = make_model("tshsr")
+    images, texts = _encode(model, regions[:3], captions[:6])
+    caption_image = np.array([0, 0, 1, 1, 2, 2])
+    results = part_metrics(model, images, texts, caption_image)
+    out = model.score_encoded(images, texts)
+    assert results["full"] == retrieval_metrics(out.scores.numpy(), caption_image)
+    assert results["cosine"] == retrieval_metrics(out.global_similarity.numpy(), caption_image)
+
+
+def test_part_metrics_with_a_shortlist_covering_everything_equals_exhaustive(make_model, regions, captions) -> None:
+    model = make_model("tshsr")
+    images, texts = _encode(model, regions[:3], captions[:6])
+    caption_image = np.array([0, 0, 1, 1, 2, 2])
+    exhaustive = part_metrics(model, images, texts, caption_image)
+    shortlisted = part_metrics(model, images, texts, caption_image, rerank_k=10)  # K >= every side
+    assert shortlisted.keys() == exhaustive.keys()
+    for name in exhaustive:
+        assert shortlisted[name]["rsum"] == pytest.approx(exhaustive[name]["rsum"]), name
+
+
+def test_shortlist_pairs_are_each_sides_top_k() -> None:
+    sim = np.array([[0.1, 0.9, 0.5], [0.8, 0.2, 0.3]])
+    i2t_rows, i2t_cols, t2i_rows, t2i_cols = shortlist_pairs(sim, 2)
+    assert list(zip(i2t_rows, i2t_cols)) == [(0, 1), (0, 2), (1, 0), (1, 2)]
+    assert sorted(zip(t2i_rows, t2i_cols)) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+
+
+@pytest.mark.parametrize("fusion", [dict(stream_fusion="equal", level_fusion="equal"), dict(level_fusion="equal")])
+def test_fixed_fusion_weights_are_equal_and_not_parameters(fusion, make_model) -> None:
+    model = make_model("tshsr", **fusion)
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(n.endswith("level_logits") for n in names)
+    weights = model.mixing_weights()
+    per_stream = {s: sum(v for k, v in weights.items() if k.startswith(s)) for s in ("i2t", "t2i")}
+    for stream, head in model.streams.items():
+        levels = [weights[f"{stream}/{lv}"] for lv in head.levels]
+        assert levels == pytest.approx([per_stream[stream] / 3] * 3)
+    if fusion.get("stream_fusion") == "equal":
+        assert per_stream == pytest.approx({"i2t": 0.5, "t2i": 0.5})
+
+
+def test_level_aux_loss_trains_every_level_score(make_model, regions, captions) -> None:
+    """With the per-level hinge, the local and context scores get gradients of their own."""
+    model = make_model("tshsr", stream_fusion="equal", level_fusion="equal").train()
+    positive = torch.eye(4, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(0)
+    grads = {}
+    for weight in (0.0, 1.0):
+        model.zero_grad()
+        feats, fmask = model.image_features(regions[:4])
+        toks, tmask = model.text_features(captions[:4])  # the BiGRU is trained: a fresh graph each time
+        args = TrainArgs(aux_level_weight=weight, aux_stream_weight=0.0, contrastive_weight=0.0,
+                         hard_negatives=-1)
+        loss, parts = compute_loss(model, feats, fmask, toks, tmask, positive, args, hardest=False, generator=gen)
+        assert ("aux_levels" in parts) == (weight > 0)
+        loss.backward()
+        grads[weight] = model.streams["t2i"].local_readout.score.weight.grad.clone()
+    assert not torch.allclose(grads[0.0], grads[1.0])
+
+
+def test_model_mined_negatives_are_the_models_hardest(make_model, regions, captions) -> None:
+    model = make_model("tshsr").train()
+    images, texts = _encode(model, regions[:6], captions[:6])
+    positive = torch.eye(6, dtype=torch.bool)
+    sim = model.global_similarity(images, texts)
+    args = TrainArgs(hard_negatives=1, random_negatives=0, mine_pool=5)  # the pool is every negative
+    candidate = _mine(model, images, texts, sim, positive, args, torch.Generator().manual_seed(0))
+    full = model.score_encoded(images, texts).scores.masked_fill(positive, float("-inf"))
+    expected = positive.clone()
+    expected[torch.arange(6), full.argmax(1)] = True
+    expected[full.argmax(0), torch.arange(6)] = True
+    assert torch.equal(candidate, expected)
