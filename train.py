@@ -38,6 +38,11 @@ def parse_args(argv=None):
     g.add_argument("--max-train-images", type=int, default=d.max_train_images)
     g.add_argument("--max-val-images", type=int, default=d.max_val_images)
     g.add_argument("--cache-dir", default=d.cache_dir, help="feature cache for frozen backbones")
+    g.add_argument("--hf-dataset", default=d.hf_dataset, metavar="REPO",
+                   help="any Hub image-caption dataset (script repos fall back to refs/convert/parquet)")
+    g.add_argument("--hf-revision", default=d.hf_revision, help="branch, tag or commit of --hf-dataset")
+    g.add_argument("--columns", default=d.columns,
+                   help="column mapping, e.g. image=img,caption=sentences,split=split,image_id=cocoid")
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=d.preset, choices=list(TSHSRConfig.PRESETS))
     g.add_argument("--embed-dim", type=int, default=d.embed_dim, help="D")

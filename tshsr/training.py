@@ -78,6 +78,10 @@ class TrainArgs:
     device: str = "auto"
     seed: int = 0
     max_steps: int | None = None
+    hf_dataset: str | None = None  # any Hub image-caption repo (tshsr.hub_data)
+    hf_revision: str | None = None
+    columns: str | None = None  # "image=...,caption=...,split=..." for --hf-dataset
+    streaming: bool = False  # stream the Hub set, materialising only max_*_images
     checkpoint_every: int = 50  # steps
     log_every: int = 10
     val_rerank_k: int | None = 20
