@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["DATASETS", "ImageCaptionSplit", "LazyImages", "load_split", "load_imagefolder_with_datasets"]
+__all__ = ["DATASETS", "ImageCaptionSplit", "LazyImages", "load_split", "load_split_from_args",
+           "load_imagefolder_with_datasets"]
 
 # Public names accepted by load_split (aliases map to the reader that handles them).
 DATASETS = ("imagefolder", "flickr8k", "flickr30k", "coco", "precomp")
@@ -426,8 +427,13 @@ def _pick_hf_split(loaded: Any, split: str, where: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # Hub datasets: Flickr30K (nlphuji/flickr30k) and COCO (yerevann/coco-karpathy)
 # ----------------------------------------------------------------------------------------------
-def _open_hub_or_disk(hub_id: str, data_dir: str | None) -> Any:
-    """A save_to_disk folder when data_dir is given (offline), else the Hub dataset."""
+def _open_hub_or_disk(hub_id: str, data_dir: str | None, revision: str | None = None, streaming: bool = False) -> Any:
+    """A save_to_disk folder when data_dir is given (offline), else the Hub dataset.
+
+    The Hub path goes through :func:`tshsr.hub_data.load_hub_dataset`, which reads a
+    loading-script repository (Flickr30K's) from its Parquet conversion; ``streaming`` returns
+    an ``IterableDatasetDict`` that the callers materialise up to ``max_images``.
+    """
     import datasets
 
     if data_dir:
@@ -440,7 +446,9 @@ def _open_hub_or_disk(hub_id: str, data_dir: str | None) -> Any:
             raise FileNotFoundError(
                 f"{path} is not a datasets save_to_disk folder (of {hub_id}): {exc}"
             ) from exc
-    return datasets.load_dataset(hub_id)
+    from .hub_data import load_hub_dataset
+
+    return load_hub_dataset(hub_id, revision=revision, streaming=streaming)
 
 
 def _require_columns(dataset: Any, columns: Sequence[str], where: str) -> None:
@@ -461,12 +469,21 @@ def _filter_rows(values: Sequence[Any], wanted: set[str]) -> list[int]:
     return [i for i, v in enumerate(values) if str(v) in wanted]
 
 
-def _load_flickr30k(data_dir: str | None, split: str, max_images: int | None) -> ImageCaptionSplit:
+def _load_flickr30k(
+    data_dir: str | None, split: str, max_images: int | None, repo: str = FLICKR30K_HUB_ID,
+    revision: str | None = None, streaming: bool = False,
+) -> ImageCaptionSplit:
     import datasets
 
     karpathy = _karpathy_split(split, "flickr30k")
-    loaded = _open_hub_or_disk(FLICKR30K_HUB_ID, data_dir)
-    where = f"flickr30k ({data_dir or FLICKR30K_HUB_ID})"
+    streaming = streaming and not data_dir
+    loaded = _open_hub_or_disk(repo, data_dir, revision, streaming)
+    where = f"flickr30k ({data_dir or repo})"
+    if streaming:
+        from .hub_data import materialise
+
+        part = loaded["test"] if "test" in loaded else next(iter(loaded.values()))
+        loaded = materialise(part, max_images, keep=lambda row: str(row.get("split")) == karpathy)
     if isinstance(loaded, datasets.DatasetDict):
         # The Hub release has one split ("test") holding every row; the Karpathy split is a column.
         if "test" in loaded:
@@ -495,7 +512,8 @@ def _load_flickr30k(data_dir: str | None, split: str, max_images: int | None) ->
 
 
 def _load_coco(
-    data_dir: str | None, split: str, image_root: str | None, max_images: int | None
+    data_dir: str | None, split: str, image_root: str | None, max_images: int | None, repo: str = COCO_HUB_ID,
+    revision: str | None = None, streaming: bool = False,
 ) -> ImageCaptionSplit:
     import datasets
 
@@ -503,8 +521,11 @@ def _load_coco(
     # Standard practice (SCAN, VSE++): the 5K "restval" images join the 113K training set.
     wanted = {"train", "restval"} if karpathy == "train" else {karpathy}
     hf_names = {"train": ("train",), "restval": ("restval",), "val": ("validation", "val"), "test": ("test",)}
-    loaded = _open_hub_or_disk(COCO_HUB_ID, data_dir)
-    where = f"coco ({data_dir or COCO_HUB_ID})"
+    streaming = streaming and not data_dir
+    loaded = _open_hub_or_disk(repo, data_dir, revision, streaming)
+    where = f"coco ({data_dir or repo})"
+    if streaming:
+        loaded = _materialise_coco(loaded, wanted, max_images)
     parts: list[Any] = []
     if isinstance(loaded, datasets.DatasetDict):
         # Train before restval, so that max_images takes the canonical split's images first.
@@ -551,6 +572,27 @@ def _load_coco(
             else:
                 refs.append(_Url(str(table["url"][r])))
     return _from_groups(f"coco/{karpathy}", "coco", image_ids, groups, refs)
+
+
+def _materialise_coco(loaded: Any, wanted: set[str], max_images: int | None) -> Any:
+    """Stream only the rows a COCO split needs (in the order _load_coco reads them)."""
+    import datasets
+
+    from .hub_data import materialise
+
+    hf_names = {"train": ("train",), "restval": ("restval",), "val": ("validation", "val"), "test": ("test",)}
+    if len(loaded) == 1 and "split" in (next(iter(loaded.values())).column_names or []):
+        part = next(iter(loaded.values()))
+        return materialise(part, max_images, keep=lambda row: str(row["split"]) in wanted)
+    out, remaining = {}, max_images
+    for name in [n for n in ("train", "restval", "val", "test") if n in wanted]:
+        found = [h for h in hf_names[name] if h in loaded]
+        if not found or (remaining is not None and remaining <= 0):
+            continue
+        out[found[0]] = materialise(loaded[found[0]], remaining)
+        if remaining is not None:
+            remaining -= len(out[found[0]])
+    return datasets.DatasetDict(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -613,6 +655,11 @@ def load_split(
     data_dir: str | None = None,
     image_root: str | None = None,
     max_images: int | None = None,
+    *,
+    hf_dataset: str | None = None,
+    hf_revision: str | None = None,
+    columns: str | dict | None = None,
+    streaming: bool = False,
 ) -> ImageCaptionSplit:
     """Read one split of a dataset into an :class:`ImageCaptionSplit`.
 
@@ -621,16 +668,41 @@ def load_split(
     holding COCO's ``train2014``/``val2014``, else images are fetched from their URL when read) or
     ``precomp`` (SCAN/SGRAF region features). ``split``: ``train``, ``validation`` (``val``,
     ``dev``) or ``test``. ``max_images`` keeps the first images of the split.
+
+    Hub datasets (:mod:`tshsr.hub_data`): ``hf_dataset`` names any Hub image-caption repository
+    (at ``hf_revision``), read with the ``columns`` mapping (``"image=...,caption=...,split=..."``);
+    with ``dataset`` ``flickr30k`` or ``coco`` and no ``columns`` it replaces the default
+    repository of that reader (a fork or mirror with the same layout). ``streaming`` streams
+    the Hub set and materialises only ``max_images`` images.
     """
     if max_images is not None and max_images < 0:
         raise ValueError(f"max_images must be >= 0, got {max_images}")
     name = dataset.lower()
+    if hf_dataset and (columns or name not in ("flickr30k", "coco")):
+        from .hub_data import load_hf_split
+
+        return load_hf_split(hf_dataset, split, revision=hf_revision, columns=columns, streaming=streaming,
+                             max_images=max_images, image_root=image_root)
     if name in ("imagefolder", "flickr8k"):
         return _load_imagefolder(data_dir, split, max_images)
     if name == "flickr30k":
-        return _load_flickr30k(data_dir, split, max_images)
+        return _load_flickr30k(data_dir, split, max_images, repo=hf_dataset or FLICKR30K_HUB_ID,
+                               revision=hf_revision, streaming=streaming)
     if name == "coco":
-        return _load_coco(data_dir, split, image_root, max_images)
+        return _load_coco(data_dir, split, image_root, max_images, repo=hf_dataset or COCO_HUB_ID,
+                          revision=hf_revision, streaming=streaming)
     if name == "precomp":
         return _load_precomp(data_dir, split, max_images)
     raise ValueError(f"Unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+
+
+def load_split_from_args(args: Any, split: str, max_images: int | None = None) -> ImageCaptionSplit:
+    """:func:`load_split` with the data options of a parsed command line / ``TrainArgs``
+    (``dataset``, ``data_dir``, ``image_root``, ``hf_dataset``, ``hf_revision``, ``columns``,
+    ``streaming``; absent attributes take load_split's defaults)."""
+    return load_split(
+        getattr(args, "dataset", "imagefolder"), split, data_dir=getattr(args, "data_dir", None),
+        image_root=getattr(args, "image_root", None), max_images=max_images,
+        hf_dataset=getattr(args, "hf_dataset", None), hf_revision=getattr(args, "hf_revision", None),
+        columns=getattr(args, "columns", None), streaming=bool(getattr(args, "streaming", False)),
+    )
