@@ -4,7 +4,7 @@
     python benchmarks/app_reliability.py [--clients 16] [--requests 20] [--timeout 600]
 
 Starts ``python app.py --model checkpoints/tshsr-flickr8k --host 127.0.0.1 --port <free>`` in a
-subprocess (``tests/app_server.py``), waits until it answers, then:
+subprocess (``benchmarks/app_server.py``), waits until it answers, then:
 
 1. **Bad input** through the API (gradio_client, ``/rank_captions`` and ``/rank_images``): broken,
    empty, odd and oversized files, empty / huge / unusual text, 20,000 pasted captions, bad
@@ -46,9 +46,10 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from app_server import DEFAULT_MODEL, app_process  # noqa: E402
+try:  # imported as benchmarks.app_reliability (by the tests, or python -m benchmarks.app_reliability)
+    from .app_server import DEFAULT_MODEL, app_process
+except ImportError:  # run as python benchmarks/app_reliability.py: this folder is importable
+    from app_server import DEFAULT_MODEL, app_process
 
 EXAMPLES = ROOT / "examples" / "images"
 REQUEST_TIMEOUT_S = 120       # one bad-input request (or the good one after it) must answer within this

@@ -26,8 +26,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from tshsr import TSHSRConfig, TSHSRModel, Vocabulary  # noqa: E402
 from tshsr.evaluate import join_encoded, resolve_compile, score_split  # noqa: E402

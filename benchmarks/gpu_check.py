@@ -25,8 +25,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from tshsr import TSHSRConfig, TSHSRModel, Vocabulary  # noqa: E402
 from tshsr.losses import contrastive_loss, hinge_loss  # noqa: E402

@@ -22,8 +22,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from tshsr import TSHSRModel  # noqa: E402
 from tshsr.data import load_split  # noqa: E402

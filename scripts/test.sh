@@ -11,4 +11,4 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
     || echo "note: chromium could not be installed; the browser test will skip" >&2
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 GRADIO_ANALYTICS_ENABLED=False
-exec "$VENV/bin/python" -m pytest -q "$@"
+exec "$VENV/bin/pytest" -q "$@"

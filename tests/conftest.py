@@ -99,3 +99,14 @@ def coffee_path() -> Path:
     path = ASSETS / "coffee.jpg"
     assert path.is_file(), f"test asset missing: {path}"
     return path
+
+
+# Fixtures that load the real pretrained backbones; a test using one is marked slow
+# (pytest -m "not slow" leaves them out).
+REAL_BACKBONE_FIXTURES = {"real_model", "lite0"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if REAL_BACKBONE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

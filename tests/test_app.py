@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app_server import ROOT, find_model, running_app
+from benchmarks.app_server import ROOT, find_model, running_app
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
 MODEL, SKIP_REASON = find_model()
-pytestmark = pytest.mark.skipif(MODEL is None, reason=SKIP_REASON)
+pytestmark = [pytest.mark.app, pytest.mark.skipif(MODEL is None, reason=SKIP_REASON)]
 
 EXAMPLES = ROOT / "examples" / "images"
 TOL = 1e-5

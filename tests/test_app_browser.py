@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app_server import ROOT, find_model, running_app
+from benchmarks.app_server import ROOT, find_model, running_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 MODEL, SKIP_REASON = find_model()
 pytestmark = [
+    pytest.mark.app,
+    pytest.mark.browser,
     pytest.mark.skipif(MODEL is None, reason=SKIP_REASON),
     pytest.mark.skipif(not CHROMIUM.exists(),
                        reason="/usr/bin/chromium is absent (install Debian's chromium: apt-get install -y chromium)"),

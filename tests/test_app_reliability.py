@@ -7,18 +7,16 @@ here 4 bad inputs and 4 clients x 3 requests keep it within about a minute.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
 pytest.importorskip("gradio_client")
 pytest.importorskip("psutil")
 
-import app_reliability as ar  # noqa: E402
+from benchmarks import app_reliability as ar  # noqa: E402
+
+pytestmark = pytest.mark.app
 
 MODEL = ar.DEFAULT_MODEL
 HAVE_MODEL = (MODEL / "config.json").is_file() and (MODEL / "model.safetensors").is_file()
@@ -102,7 +100,6 @@ def test_small_reliability_run_handles_bad_input_and_serves_all_concurrent_reque
 
 
 def test_app_caps_malloc_arenas_unless_the_user_set_them(monkeypatch) -> None:
-    sys.path.insert(0, str(ROOT))
     import app
 
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")

@@ -83,6 +83,7 @@ def test_refuses_to_overwrite_a_run_without_resume(data, tmp_path):
     assert again.returncode != 0 and "--resume" in again.stderr
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_loses_no_checkpointed_step(data, tmp_path):
     """SIGKILL mid-run, then --resume: training continues at the last checkpoint and ends with
     exactly the weights of an uninterrupted run."""
@@ -136,6 +137,7 @@ def test_failed_push_keeps_local_model(data, tmp_path):
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_matches_gradients(data, tmp_path):
     """torchrun with 2 CPU processes (gloo): both ranks end with identical weights."""
     out = tmp_path / "ddp"
@@ -156,6 +158,7 @@ def test_two_process_gloo_matches_gradients(data, tmp_path):
     TSHSRModel.from_pretrained(out)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FLICKR8K.is_dir(), reason="../shared/data/flickr8k is not present")
 def test_flickr8k_smoke_with_pretrained_backbones(tmp_path):
     out = tmp_path / "f8k"

@@ -1,4 +1,4 @@
-"""Shared by the app tests: find a model for the demo and run ``python app.py`` on a free port."""
+"""Runs ``python app.py`` on a free port for the app tests and benchmarks, and finds a model for it."""
 
 from __future__ import annotations
 
