@@ -11,7 +11,7 @@ from PIL import Image
 
 from tshsr.config import TSHSRConfig
 from tshsr.data import ImageCaptionSplit
-from tshsr.pipeline import StepBatchSampler, epoch_caption_order, image_batch_loader
+from tshsr.pipeline import StepBatchSampler, epoch_caption_order, image_batch_loader, normalize_pixels
 from tshsr.processing import TSHSRProcessor
 
 N_IMAGES = 10
@@ -61,8 +61,12 @@ def test_batches_match_the_trainer_and_the_models_preprocessing(split, processor
         # The trainer's torch.unique(caption_image[captions]): sorted unique images of the step.
         assert torch.equal(batch["index"], torch.unique(torch.as_tensor(split.caption_image)[captions]))
         expected = processor.preprocess_images([split.images()[int(i)] for i in batch["index"]])
-        assert torch.equal(batch["pixels"], expected)
-        assert batch["pixels"].shape[1:] == (3, SIZE, SIZE)
+        # Workers hand over uint8; normalising on the device gives exactly the model's input.
+        assert batch["pixels"].dtype == torch.uint8 and batch["pixels"].shape[1:] == (3, SIZE, SIZE)
+        assert torch.equal(normalize_pixels(batch["pixels"], processor), expected)
+    floats = _collect(image_batch_loader(split, processor, batch_size=4, seed=3, num_workers=0, uint8=False))
+    assert all(torch.equal(f["pixels"], normalize_pixels(b["pixels"], processor.config))
+               for f, b in zip(floats, batches))
 
 
 def test_same_seed_same_batches_with_0_and_2_workers(split, processor) -> None:
@@ -87,7 +91,7 @@ def test_order_depends_only_on_seed_and_epoch(split, processor) -> None:
 
 
 def test_resume_mid_epoch_is_the_tail_and_decodes_nothing_skipped(split, processor) -> None:
-    full = _collect(image_batch_loader(split, processor, batch_size=2, seed=5, epoch=1, num_workers=0))
+    full = _collect(image_batch_loader(split, processor, batch_size=2, seed=5, epoch=1, num_workers=0, uint8=False))
     decoded: list[str] = []
 
     def counting(images):
@@ -100,7 +104,7 @@ def test_resume_mid_epoch_is_the_tail_and_decodes_nothing_skipped(split, process
     assert _same(resumed, full[k:]) and resumed[0]["step"] == k
     assert len(decoded) == sum(len(b["index"]) for b in full[k:])  # the first k steps were never read
     resumed_workers = _collect(image_batch_loader(split, processor, batch_size=2, seed=5, epoch=1, start_step=k,
-                                                  num_workers=2, persistent_workers=False))
+                                                  num_workers=2, persistent_workers=False, uint8=False))
     assert _same(resumed_workers, full[k:])
 
 
