@@ -1,15 +1,12 @@
 """tshsr: Two-stream Hierarchical Similarity Reasoning for image-text matching."""
 
 from .config import TSHSRConfig
-from .model import (
-    CheckpointError,
-    Encoding,
-    ImageEncoding,
-    TextEncoding,
-    TSHSRModel,
-    TSHSROutput,
-)
+from .encoding import Encoding, ImageEncoding, TextEncoding
+from .hub import CheckpointError
+from .model import TSHSRModel
 from .processing import InvalidInputError, TSHSRProcessor, Vocabulary
+from .registry import get_head, register_head
+from .scoring import TSHSROutput, TSHSRPairOutput
 
 __version__ = "0.1.0"
 
@@ -17,6 +14,7 @@ __all__ = [
     "TSHSRConfig",
     "TSHSRModel",
     "TSHSROutput",
+    "TSHSRPairOutput",
     "Encoding",
     "ImageEncoding",
     "TextEncoding",
@@ -24,4 +22,6 @@ __all__ = [
     "Vocabulary",
     "CheckpointError",
     "InvalidInputError",
+    "register_head",
+    "get_head",
 ]

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 STREAMS = ("i2t", "t2i")
 LEVELS = ("local", "context", "global")
-HEADS = ("tshsr", "sgr", "saf", "dual")
 IMAGE_ENCODERS = ("timm", "precomputed")
 TEXT_ENCODERS = ("transformers", "bigru")
 
@@ -30,7 +29,7 @@ class TSHSRConfig:
     """
 
     # --- similarity head -------------------------------------------------------------------
-    head: str = "tshsr"  # "tshsr" (two-stream hierarchical), "sgr", "saf" (SGRAF), "dual"
+    head: str = "tshsr"  # a registered head (tshsr.registry): "tshsr", "sgr", "saf" (SGRAF), "dual"
     streams: tuple[str, ...] = ("i2t", "t2i")
     levels: tuple[str, ...] = ("local", "context", "global")
     embed_dim: int = 512  # D: common size of region/word vectors
@@ -65,7 +64,9 @@ class TSHSRConfig:
 
     # --- bookkeeping -----------------------------------------------------------------------
     preset_name: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    # sha256 of each frozen pretrained backbone's weights ({"image_backbone": ..., "text_backbone": ...}),
+    # filled in when a model is built from pretrained weights and checked when it is loaded.
+    backbone_sha256: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         self.streams = tuple(self.streams)
@@ -81,18 +82,19 @@ class TSHSRConfig:
         def bad(msg: str) -> None:
             raise ValueError(f"Invalid TSHSRConfig: {msg}")
 
-        if self.head not in HEADS:
-            bad(f"head={self.head!r}; expected one of {HEADS}")
+        from .registry import get_head, head_names
+
+        if self.head not in head_names():
+            bad(f"head={self.head!r}; expected one of {head_names()}")
         if not self.streams or any(s not in STREAMS for s in self.streams):
             bad(f"streams={self.streams!r}; expected a non-empty subset of {STREAMS}")
         if not self.levels or any(lv not in LEVELS for lv in self.levels):
             bad(f"levels={self.levels!r}; expected a non-empty subset of {LEVELS}")
         if len(set(self.streams)) != len(self.streams) or len(set(self.levels)) != len(self.levels):
             bad("streams and levels must not repeat")
-        if self.head in ("sgr", "saf") and self.streams != ("t2i",):
-            bad("SGRAF heads (sgr, saf) have the text-to-image stream only: streams=('t2i',)")
-        if self.head == "dual" and self.levels != ("global",):
-            bad("the dual-encoder head has the global level only")
+        reason = get_head(self.head).validate(self)
+        if reason:
+            bad(reason)
         if self.image_encoder not in IMAGE_ENCODERS:
             bad(f"image_encoder={self.image_encoder!r}; expected one of {IMAGE_ENCODERS}")
         if self.text_encoder not in TEXT_ENCODERS:
@@ -100,7 +102,7 @@ class TSHSRConfig:
         if self.image_encoder == "precomputed" and not self.image_feature_dim:
             bad("image_encoder='precomputed' needs image_feature_dim (e.g. 2048)")
         if self.text_encoder == "bigru" and self.vocab_size <= 0:
-            bad("text_encoder='bigru' needs vocab_size > 0 (build it with tshsr.text.Vocabulary)")
+            bad("text_encoder='bigru' needs vocab_size > 0 (build it with tshsr.Vocabulary.build)")
         for name in ("stream_fusion", "level_fusion"):
             if getattr(self, name) not in ("learned", "equal"):
                 bad(f"{name}={getattr(self, name)!r}; expected 'learned' or 'equal'")
@@ -116,13 +118,9 @@ class TSHSRConfig:
     @property
     def contribution_keys(self) -> list[str]:
         """Keys of ``TSHSROutput.contributions`` for this configuration, in a fixed order."""
-        if self.head == "dual":
-            return ["dual/global"]
-        if self.head == "sgr":
-            return ["t2i/global"]  # SGR reads its score from the reasoned global node
-        if self.head == "saf":
-            return ["t2i/local"]  # SAF filters the local (and global) nodes into one score
-        return [f"{s}/{lv}" for s in self.streams for lv in self.levels]
+        from .registry import get_head
+
+        return get_head(self.head).contribution_keys(self)
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -151,10 +149,15 @@ class TSHSRConfig:
         for key, value in data.items():
             if isinstance(value, tuple):
                 data[key] = list(value)
+        if data["backbone_sha256"] is None:  # nothing to pin: config.json stays as older versions wrote it
+            del data["backbone_sha256"]
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TSHSRConfig":
+        data = dict(data)
+        if data.get("extra", None) == {}:  # a field of older versions, always empty: dropped
+            del data["extra"]
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -167,11 +170,6 @@ class TSHSRConfig:
 
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
-
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / "config.json"
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return path
 
     @classmethod
     def load(cls, directory: str | Path) -> "TSHSRConfig":

@@ -297,17 +297,17 @@ class GraphReasoningStep(nn.Module):
 
 
 class SGRAFHead(nn.Module):
-    """SGRAF's SGR or SAF model (text-to-image only), on nodes [s_g, s_1 .. s_L]."""
+    """SGRAF's SGR (``graph_reasoning``) or SAF model (text-to-image only), on nodes [s_g, s_1 .. s_L]."""
 
-    def __init__(self, config):
+    def __init__(self, config, graph_reasoning: bool):
         super().__init__()
         D, m = config.embed_dim, config.sim_dim
-        self.kind = config.head
+        self.graph_reasoning = graph_reasoning
         self.smooth = config.attention_smooth
         self.local_nodes = SimilarityNodes(D, m)
         self.global_nodes = SimilarityNodes(D, m)
         self.readout = nn.Linear(m, 1)
-        if self.kind == "sgr":
+        if graph_reasoning:
             self.steps = nn.ModuleList(GraphReasoningStep(m) for _ in range(config.reasoning_steps))
         else:
             self.filter = nn.Linear(m, 1)
@@ -335,7 +335,7 @@ class SGRAFHead(nn.Module):
     def forward(self, text, image, want_maps: bool = False, grid: tuple[int, int] | None = None):
         nodes, mask, weights = self.nodes(text, image, grid)
         maps = {"attention": weights} if want_maps else {}
-        if self.kind == "sgr":
+        if self.graph_reasoning:
             for step in self.steps:
                 nodes = step(nodes, mask)
             return torch.sigmoid(self.readout(nodes[:, 0]).squeeze(-1)), maps

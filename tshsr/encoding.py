@@ -1,0 +1,150 @@
+"""Encodings of one side (images or captions), computed once and reused for every pair.
+
+An :class:`Encoding` holds the per-item tensors the similarity heads read; the image and text
+towers fill it independently, so a gallery is encoded once and scored against many queries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from .heads import l2norm
+from .io import release_free_memory
+
+
+@dataclass
+class Encoding:
+    """Per-item tensors of one modality, computed once and reused for every pair.
+
+    units [N, n, D] L2-normalised region/word vectors, mask [N, n] valid units, pooled [N, D]
+    attention-pooled vector (for global similarity nodes), embedding [N, D] contrastive global
+    vector (cosine shortlist) and, when the model has a context level, membership [N, C, n] (how
+    much each unit belongs to each of the C learned context units; rows sum to one). The context
+    units themselves, :attr:`context`, are derived from these on use instead of stored: they are
+    cheap to recompute per block and would add C x D floats per item (0.5 GB for a COCO 5K split).
+    """
+
+    units: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+    embedding: torch.Tensor
+    membership: torch.Tensor | None = None
+
+    @property
+    def context(self) -> torch.Tensor | None:
+        """[N, C, D] context units: l2norm(membership @ units), or None without a context level."""
+        return None if self.membership is None else context_units(self.units, self.membership)
+
+    def __len__(self) -> int:
+        return int(self.units.shape[0])
+
+    def __getitem__(self, index) -> "Encoding":
+        if isinstance(index, int):
+            index = [index]
+        if isinstance(index, (list, tuple, np.ndarray)):
+            index = torch.as_tensor(index, dtype=torch.long, device=self.units.device)
+        return type(self)(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index])
+                             for f in fields(self)})
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "Encoding":
+        """Move to a device; ``dtype`` applies to the float tensors only (masks stay boolean)."""
+
+        def move(t):
+            if t is None:
+                return None
+            return t.to(device=device, dtype=None if t.dtype == torch.bool else dtype)
+
+        return type(self)(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+    @property
+    def device(self) -> torch.device:
+        return self.units.device
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name).contiguous() for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "Encoding":
+        missing = {"units", "mask", "pooled", "embedding"} - set(state)
+        if missing:
+            raise ValueError(f"Encoding state is missing {sorted(missing)}")
+        return cls(**{k: state.get(k) for k in (f.name for f in fields(cls))})
+
+    @classmethod
+    def cat(cls, parts: list["Encoding"], consume: bool = False) -> "Encoding":
+        """Concatenate encodings, padding the unit axis to the longest (texts vary in length).
+
+        The result is allocated once and each part copied into it. With ``consume`` the list's
+        entries are dropped as they are copied (and the freed memory handed back to the OS every
+        few hundred MB), so joining a large split needs about the result's memory, not twice it."""
+        if not parts:
+            raise ValueError("Nothing to concatenate")
+        if consume and len(parts) == 1:  # nothing to join: hand the part over instead of copying it
+            part, parts[0] = parts[0], None
+            return part
+        width = max(p.units.shape[1] for p in parts)
+        total = sum(len(p) for p in parts)
+        out: dict[str, torch.Tensor | None] = {}
+        for f in fields(cls):
+            value = getattr(parts[0], f.name)
+            if value is None:
+                out[f.name] = None
+                continue
+            shape = [total, *value.shape[1:]]
+            if f.name in ("units", "mask"):
+                shape[1] = width
+            elif f.name == "membership":
+                shape[2] = width
+            out[f.name] = value.new_empty(shape)  # pages become resident as parts are copied in
+        row, freed = 0, 0
+        for i in range(len(parts)):
+            part, n = parts[i], len(parts[i])
+            for name, target in out.items():
+                if target is None:
+                    continue
+                value, rows = getattr(part, name), slice(row, row + n)
+                if name in ("units", "mask"):
+                    target[rows, :value.shape[1]] = value
+                    target[rows, value.shape[1]:] = 0  # padding: zero vectors, False mask
+                elif name == "membership":
+                    target[rows, :, :value.shape[2]] = value
+                    target[rows, :, value.shape[2]:] = 0
+                else:
+                    target[rows] = value
+                freed += value.numel() * value.element_size()
+            row += n
+            if consume:
+                parts[i] = None
+                if freed > 256 * 2**20:
+                    release_free_memory()
+                    freed = 0
+        return cls(**out)
+
+
+class ImageEncoding(Encoding):
+    """Encoding of images (units are regions)."""
+
+
+class TextEncoding(Encoding):
+    """Encoding of captions (units are words)."""
+
+
+def context_units(units: torch.Tensor, membership: torch.Tensor) -> torch.Tensor:
+    """[N, C, D] context units: the membership-weighted mean of the units, L2-normalised."""
+    return l2norm(torch.bmm(membership, units), fresh=True)
+
+
+def _with_context(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors the heads read: the stored fields plus the derived context units."""
+    if "membership" in values:
+        values["context"] = context_units(values["units"], values["membership"])
+    return values
+
+
+def head_inputs(encoding: Encoding, index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The fields of ``encoding`` (rows ``index`` when given) as the dict the heads read."""
+    return _with_context({f.name: value if index is None else value[index] for f in fields(encoding)
+                          if (value := getattr(encoding, f.name)) is not None})

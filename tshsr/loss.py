@@ -1,0 +1,88 @@
+"""The training objective of a TSHSR model, as used by ``TSHSRModel.forward``.
+
+A contrastive term on the global vectors, plus a hinge on the full-model scores of mined pairs
+(positives, hard negatives, random ones) and, optionally, a hinge on each stream's and each
+level's score alone. The terms themselves are pure functions in :mod:`tshsr.losses`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .losses import contrastive_loss, hinge_loss, mine_candidates
+
+
+@dataclass
+class LossSettings:
+    """The loss weights and the mining of negatives (the trainer's flags of the same names)."""
+
+    margin: float = 0.2
+    hard_negatives: int = 3  # per image and per caption, mined by global similarity; -1 = all pairs
+    random_negatives: int = 1
+    aux_stream_weight: float = 0.5
+    aux_level_weight: float = 0.0  # hinge on each stream/level score alone, so every part is a matcher
+    mine_pool: int = 0  # >0: the full model picks the hard negatives among this many cosine candidates
+    contrastive_weight: float = 1.0
+
+    @classmethod
+    def from_args(cls, args) -> "LossSettings":
+        """The settings from any object with attributes of the same names (e.g. ``TrainArgs``)."""
+        return cls(**{f: getattr(args, f) for f in cls.__dataclass_fields__})
+
+
+@dataclass
+class MatchingLoss:
+    """The loss to minimise and its parts (detached values are logged per step)."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def matching_loss(model, images, texts, positive: torch.Tensor, settings: LossSettings, hardest: bool,
+                  generator: torch.Generator | None = None) -> MatchingLoss:
+    """The loss of a batch of encodings; ``positive`` [n_images, n_texts] marks matching pairs,
+    ``hardest`` switches the hinge from the sum of violations to the hardest negative."""
+    similarity = model.global_similarity(images, texts)
+    scale = model.logit_scale.exp().clamp(max=100.0)
+    parts = {"contrastive": contrastive_loss(similarity, positive, scale)}
+    loss = settings.contrastive_weight * parts["contrastive"]
+    if model.head_kind.cross_attention:
+        candidate = mine(model, images, texts, similarity, positive, settings, generator)
+        pi, pt = candidate.nonzero(as_tuple=True)
+        out = model.score_pairs(images, texts, pi, pt)
+
+        def hinge(values):
+            full = similarity.new_zeros(similarity.shape).index_put((pi, pt), values)
+            return hinge_loss(full, positive, candidate, settings.margin, hardest)
+
+        parts["hinge"] = hinge(out.scores)
+        loss = loss + parts["hinge"]
+        if len(out.stream_scores) > 1 and settings.aux_stream_weight > 0:
+            parts["aux_streams"] = sum(hinge(v) for v in out.stream_scores.values()) / len(out.stream_scores)
+            loss = loss + settings.aux_stream_weight * parts["aux_streams"]
+        if len(out.level_scores) > 1 and settings.aux_level_weight > 0:
+            parts["aux_levels"] = sum(hinge(v) for v in out.level_scores.values()) / len(out.level_scores)
+            loss = loss + settings.aux_level_weight * parts["aux_levels"]
+        parts["pairs"] = torch.tensor(float(len(pi)))
+    return MatchingLoss(loss, parts)
+
+
+def mine(model, images, texts, similarity: torch.Tensor, positive: torch.Tensor, settings: LossSettings,
+         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Candidate pairs for the hinge [n_images, n_texts]: positives, hard negatives, random ones.
+
+    With ``mine_pool`` the cosine only proposes (its ``mine_pool`` nearest per image and per
+    caption) and the full model, without gradients, picks the ``hard_negatives`` it finds
+    hardest among them: the cross-attention parts then learn from their own mistakes instead of
+    the cosine's.
+    """
+    if settings.mine_pool <= 0 or settings.hard_negatives < 0:
+        return mine_candidates(similarity, positive, settings.hard_negatives, settings.random_negatives, generator)
+    pool = mine_candidates(similarity, positive, settings.mine_pool, 0)
+    pi, pt = pool.nonzero(as_tuple=True)
+    with torch.no_grad():
+        scores = model.score_pairs(images, texts, pi, pt).scores.float()
+    model_similarity = similarity.detach().new_full(similarity.shape, float("-inf")).index_put((pi, pt), scores)
+    return mine_candidates(model_similarity, positive, settings.hard_negatives, settings.random_negatives, generator)
