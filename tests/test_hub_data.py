@@ -302,3 +302,142 @@ def test_load_split_from_args_passes_hub_options(mirror: Path) -> None:
     args = SimpleNamespace(dataset="imagefolder", data_dir=None, image_root=None, hf_dataset="someone/captions",
                            hf_revision=None, columns="image=img,caption=text,image_id=pic", streaming=False)
     assert load_split_from_args(args, "train", max_images=2).image_ids == ["7", "8"]
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO image download (python -m tshsr.download_coco) against a local HTTP server
+# ----------------------------------------------------------------------------------------------
+def _jpeg(color) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 12), color).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+@pytest.fixture()
+def image_server(monkeypatch):
+    """Serves /<folder>/<file>.jpg; 'flaky' paths fail once with 503, 'corrupt' ones are not JPEGs."""
+    import http.server
+    import threading
+
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    state = {"files": {}, "requests": [], "flaky": set()}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            state["requests"].append(self.path)
+            if self.path in state["flaky"]:
+                state["flaky"].discard(self.path)
+                self.send_error(503, "busy, try again")
+                return
+            body = state["files"].get(self.path)
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state["base"] = f"http://127.0.0.1:{server.server_address[1]}"
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def _serve_coco(mirror: Path, server: dict) -> dict[str, bytes]:
+    """The coco-karpathy fixture, its URLs pointing at the local server."""
+    import pyarrow.parquet as pq
+
+    _write_coco(mirror)
+    served = {}
+    for path in sorted((mirror / "yerevann" / "coco-karpathy" / "data").glob("*.parquet")):
+        table = pq.read_table(path)
+        urls = [u.replace("http://images.cocodataset.org", server["base"]) for u in table.column("url").to_pylist()]
+        index = table.schema.get_field_index("url")
+        table = table.set_column(index, table.schema.field(index), pyarrow_array(urls))
+        pq.write_table(table, path)
+        for url, cocoid in zip(urls, table.column("cocoid").to_pylist()):
+            rel = url[len(server["base"]):]
+            served[rel] = _jpeg(COLORS[(cocoid - 500) % 5])
+    server["files"].update(served)
+    return served
+
+
+def pyarrow_array(values):
+    import pyarrow as pa
+
+    return pa.array(values, type=pa.string())
+
+
+def test_download_retries_verifies_resumes_and_feeds_image_root(mirror: Path, image_server, tmp_path: Path, capsys) -> None:
+    from tshsr import download_coco
+
+    served = _serve_coco(mirror, image_server)
+    train_paths = sorted(p for p in served if "train2014" in p)
+    image_server["flaky"].add(train_paths[0])  # fails once: the retry round must fetch it
+    output = tmp_path / "coco_images"
+    code = download_coco.main(["--output", str(output), "--split", "all", "--workers", "4", "--no-progress"])
+    assert code == 0
+    assert image_server["requests"].count(train_paths[0]) == 2
+    manifest = download_coco._read_manifest(output / download_coco.MANIFEST)
+    assert sorted(manifest) == sorted(p.lstrip("/") for p in served)
+    import hashlib
+
+    for rel, entry in manifest.items():
+        data = (output / rel).read_bytes()
+        assert entry["size"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert "--image-root" in capsys.readouterr().out
+
+    # Resume: nothing complete is fetched again.
+    before = len(image_server["requests"])
+    report = download_coco.download_images(download_coco.coco_image_items("all"), output, progress=False)
+    assert report.ok and len(report.skipped) == 5 and report.downloaded == []
+    assert len(image_server["requests"]) == before
+
+    # The cache is what --image-root reads: no URL is touched.
+    split = load_split("coco", "train", image_root=str(output))
+    assert split.image_ids == ["500", "501", "502"]
+    assert all(Path(ref).is_file() for ref in split.image_refs)
+    green = COLORS[1]
+    assert max(abs(a - b) for a, b in zip(split.image(1).getpixel((8, 6)), green)) < 8  # JPEG, near exact
+
+
+def test_download_lists_corrupt_and_missing_files_and_checks_checksums(image_server, tmp_path: Path, capsys) -> None:
+    from tshsr import download_coco
+
+    base = image_server["base"]
+    good, corrupt = _jpeg(COLORS[0]), b"<html>not an image</html>"
+    image_server["files"].update({"/val2014/good.jpg": good, "/val2014/corrupt.jpg": corrupt})
+    items = [("val2014/good.jpg", f"{base}/val2014/good.jpg"), ("val2014/corrupt.jpg", f"{base}/val2014/corrupt.jpg"),
+             ("val2014/gone.jpg", f"{base}/val2014/gone.jpg")]
+    output = tmp_path / "out"
+    report = download_coco.download_images(items, output, workers=2, retries=1, retry_wait=0, progress=False)
+    assert report.downloaded == ["val2014/good.jpg"]
+    assert sorted(report.failed) == ["val2014/corrupt.jpg", "val2014/gone.jpg"]
+    assert "not a readable image" in report.failed["val2014/corrupt.jpg"]
+    assert "404" in report.failed["val2014/gone.jpg"]
+    assert image_server["requests"].count("/val2014/corrupt.jpg") == 2  # tried, then retried once
+    assert not (output / "val2014" / "corrupt.jpg").exists()  # a bad file never lands in the cache
+    listed = (output / download_coco.FAILURES).read_text()
+    assert "val2014/corrupt.jpg" in listed and "val2014/gone.jpg" in listed
+
+    # A known checksum that does not match is a failure, and the file is not written.
+    report = download_coco.download_images(items[:1], tmp_path / "checked", retries=0, progress=False,
+                                           expected_sha256={"val2014/good.jpg": "0" * 64})
+    assert "does not match" in report.failed["val2014/good.jpg"]
+    assert not (tmp_path / "checked" / "val2014" / "good.jpg").exists()
+
+    # An existing COCO copy (files, no manifest) is verified and adopted without downloading.
+    existing = tmp_path / "existing"
+    (existing / "val2014").mkdir(parents=True)
+    (existing / "val2014" / "good.jpg").write_bytes(good)
+    before = len(image_server["requests"])
+    report = download_coco.download_images(items[:1], existing, progress=False)
+    assert report.skipped == ["val2014/good.jpg"] and len(image_server["requests"]) == before
