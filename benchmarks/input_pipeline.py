@@ -35,19 +35,19 @@ def backbone_preprocessing(name: str) -> dict:
     return {"image_size": int(cfg.input_size[-1]), "image_mean": tuple(cfg.mean), "image_std": tuple(cfg.std)}
 
 
-def measure(split, processor, workers: int, batch_size: int, rounds: int, step_s: float = 0.0) -> dict:
-    """One loader with persistent workers: the first pass includes starting the workers (cold),
-    the later passes (new epochs, as in training) are steady state; the fastest is reported.
+def paired_passes(split, processor, settings: list[int], batch_size: int, rounds: int, step_s: float = 0.0) -> dict:
+    """images/s of every pass, per worker count, in paired rounds.
 
-    ``step_s`` > 0 stands for the accelerator's share of a training step: the main process
-    sleeps that long per batch (a process waiting on a GPU leaves the CPU free, as sleeping
-    does), so the rate shows how much of the decoding the workers hide behind the step."""
+    One loader per setting with persistent workers (idle workers wait without using the CPU);
+    each is first run once to start its workers (that cold pass is reported apart), then the
+    settings take turns, one epoch pass each per round, so that the load swings of a shared
+    machine hit every setting alike. ``step_s`` > 0 stands for the accelerator's share of a
+    training step: the main process sleeps that long per batch (a process waiting on a GPU
+    leaves the CPU free, as sleeping does), so the rate shows how much decoding the workers
+    hide behind the step."""
     from tshsr.pipeline import image_batch_loader, normalize_pixels
 
-    loader = image_batch_loader(split, processor, batch_size=batch_size, seed=0, num_workers=workers,
-                                prefetch_factor=4 if workers else None, persistent_workers=bool(workers))
-    passes = []
-    for epoch in range(rounds + 1):
+    def one_pass(loader, epoch: int) -> tuple[int, float]:
         loader.batch_sampler.set_epoch(epoch)
         start = time.perf_counter()
         images = 0
@@ -56,12 +56,26 @@ def measure(split, processor, workers: int, batch_size: int, rounds: int, step_s
             images += len(normalize_pixels(batch["pixels"], processor.config))
             if step_s:
                 time.sleep(step_s)
-        passes.append((images, time.perf_counter() - start))
-    cold_images, cold_seconds = passes[0]
-    images, seconds = max(passes[1:], key=lambda p: p[0] / p[1])
-    del loader  # stops persistent workers before the next setting starts its own
-    return {"workers": workers, "images": images, "seconds": seconds, "images_per_s": images / seconds,
-            "cold_images_per_s": cold_images / cold_seconds}
+        return images, time.perf_counter() - start
+
+    loaders = {w: image_batch_loader(split, processor, batch_size=batch_size, seed=0, num_workers=w,
+                                     prefetch_factor=4 if w else None, persistent_workers=bool(w)) for w in settings}
+    results = {w: {"cold": None, "passes": []} for w in settings}
+    for w in settings:
+        images, seconds = one_pass(loaders[w], 0)
+        results[w]["cold"] = images / seconds
+    for epoch in range(1, rounds + 1):
+        for w in settings:
+            images, seconds = one_pass(loaders[w], epoch)
+            results[w]["passes"].append((images, seconds))
+    del loaders  # stops the workers
+    return results
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def main(argv=None) -> int:
@@ -70,9 +84,9 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=300, help="first N training images")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--batch-size", type=int, default=32, help="captions per step (as --batch-size in training)")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="timed passes (epochs) per setting after a first pass that starts the workers; "
-                             "the fastest is reported")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="paired rounds: timed passes (epochs) per setting, after a first pass that starts "
+                             "the workers; the median is reported")
     parser.add_argument("--step-ms", type=float, default=100.0,
                         help="also time each setting with this much simulated accelerator time per step (0: skip)")
     parser.add_argument("--write-results", action="store_true")
@@ -94,20 +108,25 @@ def main(argv=None) -> int:
     prep = backbone_preprocessing(BACKBONE)
     processor = TSHSRProcessor(TSHSRConfig.preset("tshsr", image_backbone=BACKBONE, **prep))
     load_before = os.getloadavg()[0]
+    steps = len(split.captions) // args.batch_size
+    plain = paired_passes(split, processor, args.workers, args.batch_size, args.rounds)
+    stepped = paired_passes(split, processor, args.workers, args.batch_size, args.rounds,
+                            args.step_ms / 1000) if args.step_ms else None
     results = []
     for workers in args.workers:
-        result = measure(split, processor, workers, args.batch_size, args.rounds)
-        if args.step_ms:
-            overlapped = measure(split, processor, workers, args.batch_size, args.rounds, args.step_ms / 1000)
-            result["step_images_per_s"] = overlapped["images_per_s"]
-            steps = len(split.captions) // args.batch_size
-            # Share of the pass not spent in the simulated accelerator step: the input stall.
-            result["stall"] = max(0.0, 1 - steps * args.step_ms / 1000 / overlapped["seconds"])
-        results.append(result)
-        print(f"{workers} workers: {result['images_per_s']:.1f} images/s ({result['images']} images in "
-              f"{result['seconds']:.2f} s; first pass, starting workers: {result['cold_images_per_s']:.1f})"
-              + (f"; with a {args.step_ms:g} ms step: {result['step_images_per_s']:.1f} images/s, "
-                 f"{100 * result['stall']:.0f} % of the time waiting on input" if args.step_ms else ""), flush=True)
+        rates = [i / t for i, t in plain[workers]["passes"]]
+        r = {"workers": workers, "images_per_s": _median(rates), "low": min(rates), "high": max(rates),
+             "cold_images_per_s": plain[workers]["cold"]}
+        if stepped:
+            passes = stepped[workers]["passes"]
+            r["step_images_per_s"] = _median([i / t for i, t in passes])
+            # Share of a pass not spent in the simulated accelerator step: the input stall.
+            r["stall"] = _median([max(0.0, 1 - steps * args.step_ms / 1000 / t) for _, t in passes])
+        results.append(r)
+        print(f"{workers} workers: {r['images_per_s']:.1f} images/s (range {r['low']:.1f}-{r['high']:.1f}; first "
+              f"pass, starting workers: {r['cold_images_per_s']:.1f})"
+              + (f"; with a {args.step_ms:g} ms step: {r['step_images_per_s']:.1f} images/s, "
+                 f"{100 * r['stall']:.0f} % of the time waiting on input" if stepped else ""), flush=True)
 
     base = results[0]["images_per_s"]
     step_base = results[0].get("step_images_per_s")
@@ -120,20 +139,23 @@ def main(argv=None) -> int:
         f"training photos, batched per training step by `tshsr.pipeline.image_batch_loader` "
         f"(the trainer's caption order, unique images per step; images counted with repeats across steps). "
         f"One thread per process; one loader per setting with persistent workers: a first pass "
-        f"(starting the workers) then {args.rounds} epoch passes, the fastest reported; no model in the loop.",
+        f"(starting the workers), then {args.rounds} paired rounds in which the settings take turns, one epoch pass "
+        "each, so load swings of the shared machine hit all settings alike; medians (and the range) reported; "
+        "no model in the loop.",
         "",
         f"The last columns add a simulated accelerator step of {args.step_ms:g} ms per batch (the main process "
         "sleeps, as it would waiting on a GPU): workers decode the next batches meanwhile, so the stall "
         "(share of the time not spent in the step) shows what the pipeline hides.",
         "",
-        "| DataLoader workers | images/s (input only) | vs 0 workers | first pass incl. worker start, images/s | "
+        "| DataLoader workers | images/s (input only) | range | vs 0 workers | first pass incl. worker start, images/s | "
         f"images/s with a {args.step_ms:g} ms step | vs 0 workers | time waiting on input |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         step_cells = (f"{r['step_images_per_s']:.1f} | {r['step_images_per_s'] / step_base:.2f}x | {100 * r['stall']:.0f} %"
                       if step_base else "- | - | -")
-        lines.append(f"| {r['workers']} | {r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f}x | "
+        lines.append(f"| {r['workers']} | {r['images_per_s']:.1f} | {r['low']:.0f}-{r['high']:.0f} | "
+                     f"{r['images_per_s'] / base:.2f}x | "
                      f"{r['cold_images_per_s']:.1f} | {step_cells} |")
     lines += ["", f"Machine: {machine(threads=False)}. Commit {git_commit()}. Load average (1 min) "
               f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after the run on {os.cpu_count()} cores: "
