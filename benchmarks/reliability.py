@@ -49,7 +49,7 @@ def last_step(out: Path) -> int:
 def checkpoint_step(out: Path) -> int:
     import torch
 
-    from tshsr.training import find_checkpoint
+    from tshsr_train.checkpoint import find_checkpoint
 
     found = find_checkpoint(out)
     if found is None:

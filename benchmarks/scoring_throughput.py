@@ -84,7 +84,7 @@ def main() -> int:
     p.add_argument("--sim-dim", type=int, default=256)
     p.add_argument("--images", type=int, default=100)
     p.add_argument("--captions", type=int, default=300)
-    p.add_argument("--block-pairs", type=int, default=None, help="default: the model's auto_block_pairs")
+    p.add_argument("--block-pairs", type=int, default=None, help="default: the scoring engine's auto_block_pairs")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="score through torch.compile (timed after compiling); default: on when a C++ compiler is "
                         "found, as `python -m tshsr.evaluate` does for large splits")
@@ -107,9 +107,9 @@ def main() -> int:
                                       torch.ones(args.images, K, dtype=torch.bool))
     txt = model.encode_text_features(torch.randn(args.captions, L, args.embed_dim),
                                      torch.ones(args.captions, L, dtype=torch.bool))
-    block = args.block_pairs or model.auto_block_pairs(img, txt)
+    block = args.block_pairs or model.engine.auto_block_pairs(img, txt)
     start = time.perf_counter()
-    bi, bt = model.block_shape(img, txt, block)  # the block shape score_encoded will use
+    bi, bt = model.engine.block_shape(img, txt, block)  # the block shape score_encoded will use
     model.score_encoded(img[:bi], txt[:bt], block_pairs=block, compile=args.compile)  # warm-up (and compilation)
     warmup_seconds = time.perf_counter() - start
     # Paired rounds: each timed pass over all pairs is preceded by its own peak measurement, so

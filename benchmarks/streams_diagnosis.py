@@ -43,7 +43,7 @@ def diagnose(name: str, model_dir: Path, data_dir: str, rerank_k: int | None, ca
     from tshsr import TSHSRModel
     from tshsr.analysis import part_metrics
     from tshsr.data import load_split
-    from tshsr.training import BatchSource, encode_source
+    from tshsr_train.loop import BatchSource, encode_source
 
     model = TSHSRModel.from_pretrained(model_dir)
     split = load_split("imagefolder", "validation", data_dir=data_dir)

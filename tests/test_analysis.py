@@ -9,7 +9,9 @@ import torch
 
 from tshsr.analysis import part_metrics, rankers, shortlist_pairs
 from tshsr.metrics import retrieval_metrics
-from tshsr.training import TrainArgs, _mine, compute_loss
+from tshsr.loss import LossSettings, mine
+from tshsr_train import TrainArgs
+from tshsr_train.loop import compute_loss
 
 
 def _encode(model, regions, captions):
@@ -110,8 +112,8 @@ def test_model_mined_negatives_are_the_models_hardest(make_model, regions, capti
     images, texts = _encode(model, regions[:6], captions[:6])
     positive = torch.eye(6, dtype=torch.bool)
     sim = model.global_similarity(images, texts)
-    args = TrainArgs(hard_negatives=1, random_negatives=0, mine_pool=5)  # the pool is every negative
-    candidate = _mine(model, images, texts, sim, positive, args, torch.Generator().manual_seed(0))
+    settings = LossSettings(hard_negatives=1, random_negatives=0, mine_pool=5)  # the pool is every negative
+    candidate = mine(model, images, texts, sim, positive, settings, torch.Generator().manual_seed(0))
     full = model.score_encoded(images, texts).scores.masked_fill(positive, float("-inf"))
     expected = positive.clone()
     expected[torch.arange(6), full.argmax(1)] = True

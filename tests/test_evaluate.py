@@ -13,7 +13,8 @@ from PIL import Image
 from tshsr import TSHSRConfig, TSHSRModel, Vocabulary
 from tshsr import evaluate as evaluate_module
 from tshsr.data import ImageCaptionSplit, load_split
-from tshsr.evaluate import evaluate_model, evaluate_split, main, two_stage_matrices
+from tshsr.evaluate import evaluate_model, evaluate_split, two_stage_matrices
+from tshsr_train.evaluate_cli import main
 from tshsr.metrics import coco_1k_folds, retrieval_metrics
 
 FEATURE_DIM = 16

@@ -180,7 +180,7 @@ def test_flickr8k_smoke_with_pretrained_backbones(tmp_path):
 def test_crash_during_checkpoint_save_keeps_a_complete_checkpoint(tmp_path, monkeypatch):
     """A crash at any point of save_checkpoint leaves a complete checkpoint that --resume finds."""
     from tshsr import TSHSRConfig, TSHSRModel, Vocabulary
-    from tshsr import training
+    from tshsr_train import checkpoint as training
 
     vocab = Vocabulary(WORDS)
     cfg = TSHSRConfig.preset("tshsr", image_encoder="precomputed", image_feature_dim=16, text_encoder="bigru",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -256,5 +255,25 @@ class BiGRUTextBackbone(nn.Module):
         return (out[..., :half] + out[..., half:]) / 2, word_mask.bool()
 
 
-def is_local_path(value: str | os.PathLike) -> bool:
-    return Path(value).exists()
+def build_backbones(config, vocabulary=None, pretrained: bool = True) -> tuple[nn.Module, nn.Module]:
+    """The image and text backbones a config names; fills in the config's derived fields (feature
+    sizes, the image backbone's input size, mean and std)."""
+    if config.image_encoder == "timm":
+        image = TimmImageBackbone(config.image_backbone, config.image_weights, pretrained=pretrained)
+        data = image.data_config
+        config.image_feature_dim = image.feature_dim
+        config.image_size = config.image_size or data["image_size"]
+        config.image_mean = config.image_mean or data["mean"]
+        config.image_std = config.image_std or data["std"]
+    else:
+        image = PrecomputedImageBackbone(config.image_feature_dim)
+    if config.text_encoder == "transformers":
+        text = TransformersTextBackbone(config.text_model)
+    else:
+        if vocabulary is None:
+            raise ValueError("text_encoder='bigru' needs its Vocabulary (vocab.json)")
+        if len(vocabulary) != config.vocab_size:
+            raise ValueError(f"Vocabulary has {len(vocabulary)} words, config says {config.vocab_size}")
+        text = BiGRUTextBackbone(config.vocab_size, config.word_dim, config.embed_dim)
+    config.text_feature_dim = text.feature_dim
+    return image, text

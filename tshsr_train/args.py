@@ -1,0 +1,177 @@
+"""Training settings: :class:`TrainArgs` (saved as train_args.json beside a run) and the
+command line that fills it."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from tshsr.config import TSHSRConfig
+from tshsr.loss import LossSettings
+
+USAGE = """Train a TSHSR model (or an ablation) on Flickr30K, MSCOCO, a local image folder or SCAN
+precomputed features.
+
+Examples:
+  # CPU, frozen backbones with cached features (the default model of checkpoints/):
+  python train.py --dataset imagefolder --data-dir ../shared/data/flickr8k --output-dir runs/f8k
+  # GPU, Flickr30K from the Hub, fine-tuning the text encoder, pushed to the Hub at the end:
+  python train.py --dataset flickr30k --split-val val --finetune-text --push-to-hub you/tshsr-f30k
+  # Paper setting: 36 x 2048 bottom-up features, BiGRU text encoder:
+  python train.py --dataset precomp --data-dir data/f30k_precomp --text-encoder bigru \\
+      --embed-dim 1024 --sim-dim 256 --epochs 40 --lr-update 30
+  # Several GPUs (or CPU processes with gloo):
+  torchrun --nproc_per_node 4 train.py --dataset flickr30k ...
+  # After a crash, continue exactly where the last checkpoint was written:
+  python train.py ... --resume
+"""
+
+
+@dataclass
+class TrainArgs:
+    dataset: str = "imagefolder"
+    data_dir: str | None = None
+    image_root: str | None = None
+    train_split: str = "train"
+    val_split: str = "validation"
+    max_train_images: int | None = None
+    max_val_images: int | None = 1000
+    output_dir: str = "runs/tshsr"
+    cache_dir: str = "cache/features"
+    preset: str = "tshsr"
+    embed_dim: int = 256
+    sim_dim: int = 128
+    image_backbone: str = "tf_efficientnet_lite0"
+    image_weights: str | None = None
+    text_model: str = "sentence-transformers/all-MiniLM-L6-v2"
+    text_encoder: str = "transformers"
+    image_feature_dim: int | None = None
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 2e-4
+    lr_schedule: str = "step"  # "step" (SGRAF: x0.1 at lr_update) or "cosine" or "constant"
+    lr_update: int = 6
+    warmup_epochs: int = 1  # sum of violations before switching to the hardest negative
+    margin: float = 0.2
+    grad_clip: float = 2.0
+    hard_negatives: int = 3  # per image and per caption, mined by global similarity; -1 = all pairs
+    random_negatives: int = 1
+    aux_stream_weight: float = 0.5
+    aux_level_weight: float = 0.0  # hinge on each stream/level score alone, so every part is a matcher
+    mine_pool: int = 0  # >0: the full model picks the hard negatives among this many cosine candidates
+    stream_fusion: str = "learned"
+    level_fusion: str = "learned"
+    contrastive_weight: float = 1.0
+    finetune_text: bool = False
+    finetune_image: bool = False
+    text_lr_mult: float = 0.1
+    image_lr_mult: float = 0.1
+    fusion_lr_mult: float = 50.0
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or fp32 / bf16 / fp16
+    device: str = "auto"
+    seed: int = 0
+    max_steps: int | None = None
+    hf_dataset: str | None = None  # any Hub image-caption repo (tshsr.hub_data)
+    hf_revision: str | None = None
+    columns: str | None = None  # "image=...,caption=...,split=..." for --hf-dataset
+    streaming: bool = False  # stream the Hub set, materialising only max_*_images
+    checkpoint_every: int = 50  # steps
+    log_every: int = 10
+    val_rerank_k: int | None = 20
+    num_workers: int = 0
+    resume: bool = False
+    push_to_hub: str | None = None
+    progress: bool = True
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)  # free-form notes of a run, kept in train_args.json
+
+    def loss_settings(self) -> LossSettings:
+        """The loss weights and negative mining of these settings (fields of the same names)."""
+        return LossSettings.from_args(self)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``train.py`` / ``tshsr-train``: one flag per :class:`TrainArgs` field."""
+    d = TrainArgs()
+    p = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset, choices=["imagefolder", "flickr8k", "flickr30k", "coco", "precomp"])
+    g.add_argument("--data-dir", default=d.data_dir, help="local folder (imagefolder, save_to_disk copy, precomp)")
+    g.add_argument("--image-root", default=d.image_root, help="COCO image root (train2014/, val2014/)")
+    g.add_argument("--split-train", dest="train_split", default=d.train_split)
+    g.add_argument("--split-val", dest="val_split", default=d.val_split, help="'' to skip validation")
+    g.add_argument("--max-train-images", type=int, default=d.max_train_images)
+    g.add_argument("--max-val-images", type=int, default=d.max_val_images)
+    g.add_argument("--cache-dir", default=d.cache_dir, help="feature cache for frozen backbones")
+    g.add_argument("--hf-dataset", default=d.hf_dataset, metavar="REPO",
+                   help="any Hub image-caption dataset (script repos fall back to refs/convert/parquet)")
+    g.add_argument("--hf-revision", default=d.hf_revision, help="branch, tag or commit of --hf-dataset")
+    g.add_argument("--columns", default=d.columns,
+                   help="column mapping, e.g. image=img,caption=sentences,split=split,image_id=cocoid")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default=d.preset, choices=list(TSHSRConfig.PRESETS))
+    g.add_argument("--embed-dim", type=int, default=d.embed_dim, help="D")
+    g.add_argument("--sim-dim", type=int, default=d.sim_dim, help="m")
+    g.add_argument("--image-backbone", default=d.image_backbone, help="any timm model name")
+    g.add_argument("--image-weights", default=d.image_weights, help="local weight file for the image backbone")
+    g.add_argument("--image-feature-dim", type=int, default=d.image_feature_dim, help="precomp region size")
+    g.add_argument("--text-encoder", default=d.text_encoder, choices=["transformers", "bigru"])
+    g.add_argument("--text-model", default=d.text_model, help="transformers name or local folder")
+    g.add_argument("--stream-fusion", default=d.stream_fusion, choices=["learned", "equal"],
+                   help="stream weights: learned softmax, or fixed equal (cannot collapse)")
+    g.add_argument("--level-fusion", default=d.level_fusion, choices=["learned", "equal"],
+                   help="level weights within a stream: learned softmax, or fixed equal")
+    g.add_argument("--finetune-text", action="store_true")
+    g.add_argument("--finetune-image", action="store_true")
+    g.add_argument("--text-lr-mult", type=float, default=d.text_lr_mult)
+    g.add_argument("--image-lr-mult", type=float, default=d.image_lr_mult)
+    g.add_argument("--fusion-lr-mult", type=float, default=d.fusion_lr_mult,
+                   help="learning-rate multiplier of the level/stream mixing weights")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--lr-schedule", default=d.lr_schedule, choices=["step", "cosine", "constant"])
+    g.add_argument("--lr-update", type=int, default=d.lr_update, help="step schedule: epoch of the x0.1 decay")
+    g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
+                   help="epochs summing all violations before hardest-negative hinge")
+    g.add_argument("--margin", type=float, default=d.margin)
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    g.add_argument("--hard-negatives", type=int, default=d.hard_negatives,
+                   help="negatives per image and per caption mined by global similarity (-1: all pairs)")
+    g.add_argument("--random-negatives", type=int, default=d.random_negatives)
+    g.add_argument("--aux-stream-weight", type=float, default=d.aux_stream_weight,
+                   help="weight of a hinge on each stream's own score")
+    g.add_argument("--aux-level-weight", type=float, default=d.aux_level_weight,
+                   help="weight of a hinge on each stream/level score alone (every part a matcher)")
+    g.add_argument("--mine-pool", type=int, default=d.mine_pool,
+                   help="cosine proposes this many negatives per image and caption, the full model keeps "
+                        "the --hard-negatives it finds hardest (0: the cosine picks them)")
+    g.add_argument("--contrastive-weight", type=float, default=d.contrastive_weight)
+    g.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
+    g.add_argument("--device", default=d.device)
+    g.add_argument("--threads", type=int, default=d.threads, help="CPU threads (torch.set_num_threads)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default=d.output_dir)
+    g.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many steps (smoke runs)")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    g.add_argument("--log-every", type=int, default=d.log_every)
+    g.add_argument("--val-rerank-k", type=int, default=d.val_rerank_k,
+                   help="validate by global shortlist + rerank top-K (0: exhaustive)")
+    g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
+    g.add_argument("--push-to-hub", default=None, metavar="REPO_ID")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainArgs:
+    ns = build_parser().parse_args(argv)
+    values = vars(ns)
+    if values["dataset"] == "flickr8k":
+        values["dataset"] = "imagefolder"
+    if values["val_split"] == "":
+        values["val_split"] = None
+    if values["val_rerank_k"] == 0:
+        values["val_rerank_k"] = None
+    return TrainArgs(**values)
