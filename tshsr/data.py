@@ -178,10 +178,6 @@ class ImageCaptionSplit:
     def n_captions(self) -> int:
         return len(self.captions)
 
-    @property
-    def has_images(self) -> bool:
-        return self.image_refs is not None
-
     def __repr__(self) -> str:
         kind = "regions" if self.regions is not None else "images"
         return f"ImageCaptionSplit({self.name!r}, {len(self)} {kind}, {self.n_captions} captions)"
