@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import urllib.error
@@ -42,7 +43,7 @@ def _example_photo() -> Path:
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     log = tmp_path_factory.mktemp("app") / "app.log"
-    with running_app(MODEL, log) as url:
+    with running_app(MODEL, log, extra_args=("--device", "cpu")) as url:  # --device cpu must work
         yield url
 
 
@@ -245,6 +246,49 @@ def test_missing_model_is_a_clear_error_not_a_traceback(tmp_path) -> None:
     assert "Traceback" not in run.stderr + run.stdout
 
 
+def test_device_choice_follows_the_hardware(monkeypatch) -> None:
+    import torch
+
+    import app
+
+    assert app.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert app.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        app.resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert app.resolve_device("auto") == torch.device("cuda")
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    run = subprocess.run([sys.executable, str(ROOT / "app.py"), "--model", str(MODEL), "--device", "cuda", "--port", "1"],
+                         capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert run.returncode == 2
+    assert "--device cuda" in run.stderr and "no CUDA GPU" in run.stderr
+    assert "Traceback" not in run.stderr + run.stdout
+
+
+def test_module_level_demo_is_built_on_first_use_only(tmp_path) -> None:
+    """A Space looks for app.demo; importing app (as the tests do) must not load a model."""
+    script = (
+        "import sys, gradio as gr, app\n"
+        "assert 'demo' not in vars(app), 'importing app built the demo'\n"
+        "app.EXAMPLES_DIR = sys.argv[1]\n"
+        "demo = app.demo\n"
+        "assert isinstance(demo, gr.Blocks) and app.demo is demo and vars(app)['demo'] is demo\n"
+        "print('launch defaults', sorted(demo.launch.keywords), demo.launch.keywords['max_file_size'])\n"
+    )
+    env = dict(os.environ, TSHSR_MODEL=str(MODEL), TSHSR_DEVICE="cpu", TSHSR_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "launch defaults ['allowed_paths', 'max_file_size', 'show_error'] 10mb" in run.stdout
+
+
 def test_concurrent_requests_are_queued_and_all_answered(client) -> None:
     photo = handle_file(str(_example_photo()))
     expected_c = client.predict(photo, "", 3, api_name="/rank_captions")
@@ -297,9 +341,9 @@ def test_app_without_examples_still_ranks_pasted_captions_and_added_photos(bare_
 
 
 def test_session_upload_limit(bare_engine, tmp_path, monkeypatch) -> None:
-    import app
+    from tshsr_app import engine
 
-    monkeypatch.setattr(app, "MAX_SESSION_UPLOADS", 2)
+    monkeypatch.setattr(engine, "MAX_SESSION_UPLOADS", 2)
     paths = []
     for i in range(3):
         paths.append(tmp_path / f"p{i}.png")
@@ -309,10 +353,10 @@ def test_session_upload_limit(bare_engine, tmp_path, monkeypatch) -> None:
     assert len(problems) == 1 and "limit" in problems[0]
 
 
-def test_cached_pasted_captions_score_like_fresh_ones(bare_engine, files) -> None:
+def test_pasted_captions_score_the_same_again_and_alone(bare_engine, files) -> None:
     lines = "a red square on white\na small photo\nsomething else entirely, a much longer caption than the rest"
     first = bare_engine.rank_captions(str(files["rgba"]), lines, 3)
-    again = bare_engine.rank_captions(str(files["rgba"]), lines, 3)  # from the encoding cache
+    again = bare_engine.rank_captions(str(files["rgba"]), lines, 3)
     assert [r["caption"] for r in again["results"]] == [r["caption"] for r in first["results"]]
     assert [r["score"] for r in again["results"]] == pytest.approx([r["score"] for r in first["results"]], abs=1e-6)
     alone = bare_engine.rank_captions(str(files["rgba"]), "a small photo", 1)  # batched with nothing else
