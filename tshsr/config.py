@@ -82,17 +82,19 @@ class TSHSRConfig:
         def bad(msg: str) -> None:
             raise ValueError(f"Invalid TSHSRConfig: {msg}")
 
-        from .registry import get_head, head_names
+        from .registry import get_head
 
-        if self.head not in head_names():
-            bad(f"head={self.head!r}; expected one of {head_names()}")
+        try:
+            head = get_head(self.head)
+        except ValueError as exc:
+            bad(str(exc))
         if not self.streams or any(s not in STREAMS for s in self.streams):
             bad(f"streams={self.streams!r}; expected a non-empty subset of {STREAMS}")
         if not self.levels or any(lv not in LEVELS for lv in self.levels):
             bad(f"levels={self.levels!r}; expected a non-empty subset of {LEVELS}")
         if len(set(self.streams)) != len(self.streams) or len(set(self.levels)) != len(self.levels):
             bad("streams and levels must not repeat")
-        reason = get_head(self.head).validate(self)
+        reason = head.validate(self)
         if reason:
             bad(reason)
         if self.image_encoder not in IMAGE_ENCODERS:

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .config import TSHSRConfig
 from .encoders import resolve_text_model
 
 # Refuse absurd images before decoding them (decompression bombs): 8x the pixels of a 8K photo.
+# Checked by load_image on each image's header, whatever Pillow's global settings are: importing
+# tshsr leaves Image.MAX_IMAGE_PIXELS and ImageFile.LOAD_TRUNCATED_IMAGES as the application set them.
 MAX_IMAGE_PIXELS = 89_478_485
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 class InvalidInputError(ValueError):

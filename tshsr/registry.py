@@ -40,7 +40,7 @@ def get_head(name: str) -> "HeadKind":
     try:
         return _HEADS[name]()
     except KeyError:
-        raise ValueError(f"Unknown head {name!r}; registered heads: {head_names()}") from None
+        raise ValueError(f"head={name!r}; expected one of {head_names()} (tshsr.registry)") from None
 
 
 # The parts of one scoring pass: contributions, level scores, stream scores, attention maps.
