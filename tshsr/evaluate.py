@@ -33,8 +33,8 @@ COCO_FOLD_SIZE = 1000
 PAIR_BATCH = 4096
 # Pairs per exhaustive scoring call: small enough that the progress bar moves every few seconds.
 SCORE_BLOCK_PAIRS = 1 << 16
-# compile="auto" compiles exhaustive CPU scoring from this many pairs on: there the one-off compilation
-# (30-75 s on 2 cores) is repaid (the compiled engine scores 1.4-1.6x faster: docs/RESULTS.md).
+# compile="auto" compiles exhaustive CPU scoring from this many pairs on: from there the one-off
+# compilation is repaid by the faster compiled engine (benchmarks/scoring_throughput.py; docs/RESULTS.md).
 AUTO_COMPILE_PAIRS = 2_000_000
 TRIM_EVERY_BATCHES = 16  # encoding batches between hand-backs of freed memory (glibc malloc_trim)
 

@@ -52,6 +52,6 @@ def release_free_memory() -> bool:
     """Hand the heap memory that freed tensors left behind back to the OS (glibc ``malloc_trim``).
 
     Encoding a large split frees many mid-sized temporaries that glibc keeps mapped: without this a
-    5,000 x 25,000 evaluation held ~2 GB more than its live data (benchmarks/eval_memory.py)."""
+    large evaluation holds far more than its live data (benchmarks/eval_memory.py measures the peak)."""
     libc = glibc()
     return bool(libc.malloc_trim(0)) if libc is not None else False

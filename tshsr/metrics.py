@@ -27,7 +27,8 @@ __all__ = ["RECALL_KS", "retrieval_ranks", "retrieval_metrics", "recalls_from_ra
 RECALL_KS = (1, 5, 10)
 
 # Elements compared at a time: bounds the temporaries (4 MB boolean, 16 MB float32 matrices) for
-# any split; the 5K x 25K COCO evaluation stays within 4 GB of host memory (benchmarks/eval_memory.py).
+# any split, so the memory of a large evaluation is its score matrix, not the ranking
+# (benchmarks/eval_memory.py measures the peak; docs/RESULTS.md).
 _BLOCK_ELEMENTS = 1 << 22
 
 
