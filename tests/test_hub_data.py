@@ -51,6 +51,9 @@ def _write_flickr30k(mirror: Path) -> None:
     (main / "flickr30k.py").write_text("import datasets\n# the loading script datasets>=4 refuses\n")
     (main / "README.md").write_text("---\nlicense: other\n---\n")
     (main / ".gitattributes").write_text("*.parquet filter=lfs\n")
+    # As on the Hub, the script's data sit beside it (a zip of the images and a CSV).
+    (main / "flickr30k-images.zip").write_bytes(b"PK\x05\x06" + b"\0" * 18)
+    (main / "flickr_annotations_30k.csv").write_text("raw,sentids,split,filename,img_id\n")
     conversion = mirror / "nlphuji" / "flickr30k@refs%2Fconvert%2Fparquet" / "TEST" / "test"
     conversion.mkdir(parents=True)
     (conversion.parent.parent / ".gitattributes").write_text("*.parquet filter=lfs\n")
@@ -112,6 +115,9 @@ def _write_coco(mirror: Path) -> None:
 # Script repositories: detection, the one-line notice, the Parquet conversion
 # ----------------------------------------------------------------------------------------------
 def test_script_repo_detection_from_file_lists() -> None:
+    hub_files = [".gitattributes", "README.md", "flickr30k-images.zip", "flickr30k.py", "flickr_annotations_30k.csv"]
+    assert hub_data.is_script_repo(hub_files, "nlphuji/flickr30k")  # data beside the script: still refused
+    assert not hub_data.is_script_repo(["tools.py", "data/train-00000-of-00001.parquet"], "someone/captions")
     assert hub_data.is_script_repo(["flickr30k.py", "README.md", ".gitattributes"])
     assert not hub_data.is_script_repo(["README.md", "data/train-00000-of-00001.parquet"])
     # A helper .py beside real data files is not a loading-script repository.
@@ -152,7 +158,7 @@ def test_flickr30k_script_repo_reads_parquet_conversion(mirror: Path, capsys) ->
 def test_script_error_from_datasets_triggers_the_fallback(mirror: Path, monkeypatch, capsys) -> None:
     """When the file list cannot tell (e.g. listing failed), datasets' own refusal decides."""
     _write_flickr30k(mirror)
-    monkeypatch.setattr(hub_data, "is_script_repo", lambda files: False)
+    monkeypatch.setattr(hub_data, "is_script_repo", lambda files, repo=None: False)
     raised: list[BaseException] = []
     real_load = datasets.load_dataset
 
@@ -173,7 +179,7 @@ def test_script_error_from_datasets_triggers_the_fallback(mirror: Path, monkeypa
 
 def test_other_load_errors_are_not_swallowed(mirror: Path, monkeypatch) -> None:
     _write_flickr30k(mirror)
-    monkeypatch.setattr(hub_data, "is_script_repo", lambda files: False)
+    monkeypatch.setattr(hub_data, "is_script_repo", lambda files, repo=None: False)
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")

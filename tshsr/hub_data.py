@@ -99,8 +99,15 @@ def is_script_error(exc: BaseException) -> bool:
     return SCRIPT_ERROR_MARKER in str(exc)
 
 
-def is_script_repo(files: Sequence[str]) -> bool:
-    """A top-level ``*.py`` loader and no data files: datasets >= 4 cannot load it."""
+def is_script_repo(files: Sequence[str], repo: str | None = None) -> bool:
+    """Whether datasets >= 4 will refuse ``repo`` as a loading-script repository.
+
+    datasets' rule: a top-level ``<name>.py`` for repository ``owner/<name>``, whatever else the
+    repository holds (nlphuji/flickr30k keeps ``flickr30k-images.zip`` and a CSV beside its
+    ``flickr30k.py``, and is still refused). Without ``repo``: a top-level ``*.py`` and no data.
+    """
+    if repo is not None:
+        return f"{repo.rstrip('/').split('/')[-1]}.py" in files
     top_level_scripts = [f for f in files if "/" not in f and f.endswith(".py")]
     data_files = [f for f in files if f.lower().endswith(_DATA_SUFFIXES) and not f.startswith(".")]
     return bool(top_level_scripts) and not data_files
@@ -168,7 +175,7 @@ def load_hub_dataset(
         raise
     except Exception:  # noqa: BLE001 - listing is a shortcut; load_dataset's own error decides below
         files = None
-    if files is not None and is_script_repo(files):
+    if files is not None and is_script_repo(files, repo):
         _announce_fallback(repo)
         return _load_parquet_conversion(repo, config, streaming)
     location = repo_location(repo, revision)
