@@ -447,3 +447,14 @@ def test_download_lists_corrupt_and_missing_files_and_checks_checksums(image_ser
     before = len(image_server["requests"])
     report = download_coco.download_images(items[:1], existing, progress=False)
     assert report.skipped == ["val2014/good.jpg"] and len(image_server["requests"]) == before
+
+
+def test_generic_repo_guesses_coco_columns_and_urls(mirror: Path, monkeypatch) -> None:
+    """--hf-dataset on the coco-karpathy layout without --columns: url images, list captions."""
+    _write_coco(mirror)
+    fetched: list[str] = []
+    monkeypatch.setattr(data_module, "_fetch_url", lambda url: fetched.append(url) or _png(COLORS[1]))
+    split = load_split("imagefolder", "validation", hf_dataset="yerevann/coco-karpathy")
+    assert split.image_ids == ["503"] and split.captions == ["coco 3 a", "coco 3 b"]
+    assert split.image(0).getpixel((0, 0)) == COLORS[1]
+    assert fetched == ["http://images.cocodataset.org/val2014/COCO_val2014_000000000003.jpg"]

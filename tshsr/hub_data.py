@@ -244,7 +244,8 @@ def materialise(
 # Any Hub image-caption dataset
 # ----------------------------------------------------------------------------------------------
 _AUTO_COLUMNS = {
-    "image": ("image", "img", "jpg", "png", "filepath", "file_name", "url"),
+    # Not "filepath": COCO Karpathy uses it for the folder (train2014), not the file.
+    "image": ("image", "img", "jpg", "png", "url", "image_url", "image_path", "file_name", "path"),
     "caption": ("captions", "caption", "sentences", "text", "raw"),
     "image_id": ("image_id", "img_id", "cocoid", "imgid", "filename", "file_name", "id"),
 }
