@@ -1,4 +1,4 @@
-"""Turn a :class:`~tshsr.model.TSHSROutput` into things a person can look at.
+"""Turn a :class:`~tshsr.scoring.TSHSROutput` into things a person can look at.
 
 Pure functions over numbers the model returned (numpy, PIL and matplotlib's object API, no
 pyplot global state and no web framework): the per-stream/per-level breakdown of scores as a
