@@ -61,7 +61,7 @@ def test_outputs_have_one_shape_per_method(preset, make_model, regions, captions
                    *grid.level_scores.values(), *grid.stream_scores.values()]:
         assert tuple(tensor.shape) == shape
     pairs = model.score_pairs(images, texts, [0, 5, 2], [6, 0, 3])
-    assert isinstance(pairs, TSHSRPairOutput)
+    assert isinstance(pairs, TSHSRPairOutput) and not isinstance(pairs, TSHSROutput)
     for tensor in [pairs.scores, *pairs.contributions.values(), *pairs.stream_scores.values()]:
         assert tuple(tensor.shape) == (3,)
     torch.testing.assert_close(pairs.scores, grid.scores[[0, 5, 2], [6, 0, 3]], atol=1e-6, rtol=1e-5)

@@ -18,7 +18,18 @@ from .processing import InvalidInputError
 
 
 @dataclass
-class TSHSROutput:
+class _ScoreBreakdown:
+    scores: torch.Tensor
+    contributions: dict[str, torch.Tensor]
+    level_scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    stream_scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    global_similarity: torch.Tensor | None = None
+    attentions: dict[str, dict[str, torch.Tensor]] | None = None
+
+
+@dataclass
+class TSHSROutput(_ScoreBreakdown):
     """Scores of every image against every text, and their exact breakdown.
 
     scores: [n_images, n_texts]. contributions: {"<stream>/<level>": [n_images, n_texts]} summing
@@ -27,22 +38,15 @@ class TSHSROutput:
     attentions (on request): per stream, ``attention`` (query units over key units: for "t2i"
     words over regions [.., L, K], for "i2t" regions over words [.., K, L]) and
     ``local_weights`` (how much each query unit counts in the local score), with leading axes
-    [n_images, n_texts].
+    [n_images, n_texts]. ``TSHSRModel.score`` adds the words of each text and the region grid.
     """
 
-    scores: torch.Tensor
-    contributions: dict[str, torch.Tensor]
-    level_scores: dict[str, torch.Tensor] = field(default_factory=dict)
-    weights: dict[str, float] = field(default_factory=dict)
-    stream_scores: dict[str, torch.Tensor] = field(default_factory=dict)
-    global_similarity: torch.Tensor | None = None
-    attentions: dict[str, dict[str, torch.Tensor]] | None = None
     text_tokens: list[list[str]] | None = None
     image_grid: tuple[int, int] | None = None
 
 
 @dataclass
-class TSHSRPairOutput(TSHSROutput):
+class TSHSRPairOutput(_ScoreBreakdown):
     """The same breakdown for an explicit list of P (image, text) pairs: every tensor has a
     leading pair axis [P] instead of [n_images, n_texts] (see ``TSHSRModel.score_pairs``)."""
 
