@@ -75,7 +75,7 @@ def check_backbones(model) -> None:
     if saved is None:
         model.config.backbone_sha256 = current or None
         return
-    changed = [name for name in saved if current.get(name) != saved[name]]
+    changed = [name for name in saved if name in current and current[name] != saved[name]]
     if changed:
         names = {"image_backbone": f"image backbone {model.config.image_backbone!r}",
                  "text_backbone": f"text model {model.config.text_model!r}"}
