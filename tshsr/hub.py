@@ -24,8 +24,6 @@ WEIGHTS_NAME = "model.safetensors"
 PAPER_URL = "https://arxiv.org/abs/2203.05349"
 INSTALL_LINE = "pip install -e .  # in a clone of the tshsr repository (adds the tshsr package)"
 TAGS = ["image-text-matching", "cross-modal-retrieval", "tshsr"]
-# Datasets on the Hub that a training run on these names used (local folders have no Hub id).
-HUB_DATASETS = {"flickr30k": "nlphuji/flickr30k", "coco": "yerevann/coco-karpathy"}
 
 
 class CheckpointError(RuntimeError):
@@ -301,6 +299,9 @@ def model_card(config: TSHSRConfig, repo_id: str | None = None, metrics: dict | 
     """
     from huggingface_hub import ModelCard, ModelCardData
 
+    from .data import COCO_HUB_ID, FLICKR30K_HUB_ID
+
+    hub_datasets = {"flickr30k": FLICKR30K_HUB_ID, "coco": COCO_HUB_ID}  # local folders have no Hub id
     dataset_name = dataset_name or dataset
     if metrics and dataset:
         results = eval_results(metrics, dataset, dataset_name, split)
@@ -308,7 +309,7 @@ def model_card(config: TSHSRConfig, repo_id: str | None = None, metrics: dict | 
     title = f"TSHSR ({name})" + (f" trained on {dataset_name}" if dataset_name else "")
     data = ModelCardData(library_name="tshsr", license="mit", tags=list(TAGS),
                          pipeline_tag="zero-shot-image-classification",
-                         datasets=[HUB_DATASETS[dataset]] if dataset in HUB_DATASETS else None,
+                         datasets=[hub_datasets[dataset]] if dataset in hub_datasets else None,
                          model_name=title if results else None, eval_results=results or None)
     model_lines = "\n".join(_architecture_lines(config))
     training_section = ("\n## Training\n\n" + "\n".join(f"- {line}" for line in training) + "\n") if training else ""
