@@ -15,7 +15,6 @@ from tshsr import CheckpointError, TSHSRConfig, TSHSRModel, Vocabulary
 from tshsr.hub import PAPER_URL, model_card
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "checkpoints" / "tshsr-flickr8k"
 METRICS = {"i2t": {"r1": 26.9, "r5": 54.2, "r10": 67.1}, "t2i": {"r1": 19.94, "r5": 47.72, "r10": 62.38},
            "rsum": 278.24, "n_images": 1000, "n_captions": 5000, "protocol": "exhaustive"}
 
@@ -51,11 +50,31 @@ def test_save_pretrained_writes_the_library_card_and_keeps_loaded_results(make_m
     assert {r.metric_type: r.metric_value for r in results}["rsum"] == 278.24
 
 
-def test_legacy_config_with_empty_extra_loads_and_other_extra_is_refused() -> None:
-    raw = json.loads((SHIPPED / "config.json").read_text())
-    assert raw["extra"] == {}  # the shipped checkpoint was written with the old field
-    config = TSHSRConfig.from_dict(raw)
-    assert not hasattr(config, "extra") and "extra" not in config.to_dict()
+def _rewrite_config(folder: Path, edit) -> None:
+    """Edit config.json as an older writer would have written it, fingerprint included."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    from tshsr.hub import safetensors_metadata
+
+    raw = edit(json.loads((folder / "config.json").read_text()))
+    (folder / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    metadata = safetensors_metadata(folder / "model.safetensors")
+    metadata["tshsr_config_sha256"] = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+    save_file(load_file(folder / "model.safetensors"), folder / "model.safetensors", metadata=metadata)
+
+
+def test_legacy_config_with_empty_extra_loads_and_other_extra_is_refused(make_model, regions, captions,
+                                                                          tmp_path) -> None:
+    model = make_model("tshsr")
+    model.save_pretrained(tmp_path)
+    _rewrite_config(tmp_path, lambda raw: {**raw, "extra": {}})  # the field older versions wrote
+    loaded = TSHSRModel.from_pretrained(tmp_path)
+    assert "extra" not in loaded.config.to_dict()
+    torch.testing.assert_close(loaded.score(list(regions), captions).scores,
+                               model.score(list(regions), captions).scores, rtol=0, atol=0)
+    raw = json.loads((tmp_path / "config.json").read_text())
     with pytest.raises(ValueError, match="unknown fields"):
         TSHSRConfig.from_dict({**raw, "extra": {"note": 1}})
 
@@ -80,18 +99,16 @@ def test_backbone_sha256_is_recorded_and_a_changed_backbone_is_refused(tmp_path)
     assert json.loads((tmp_path / "model" / "config.json").read_text())["backbone_sha256"] == pinned
     TSHSRModel.from_pretrained(tmp_path / "model")  # same weights: loads
 
+    # A checkpoint written before backbone_sha256 existed loads, and is pinned from then on.
+    _rewrite_config(tmp_path / "model", lambda raw: {k: v for k, v in raw.items() if k != "backbone_sha256"})
+    assert TSHSRModel.from_pretrained(tmp_path / "model").config.backbone_sha256 == pinned
+    model.save_pretrained(tmp_path / "model")
+
     first = next(iter(state))
     state[first] = state[first] + 1e-3  # the weight file changes under the checkpoint
     torch.save(state, weights)
     with pytest.raises(CheckpointError, match="image backbone 'tf_efficientnet_lite0' differ"):
         TSHSRModel.from_pretrained(tmp_path / "model")
-
-
-def test_checkpoints_without_backbone_sha256_still_load_and_score() -> None:
-    raw = json.loads((SHIPPED / "config.json").read_text())
-    assert "backbone_sha256" not in raw
-    model = TSHSRModel.from_pretrained(SHIPPED)
-    assert set(model.config.backbone_sha256) == {"image_backbone", "text_backbone"}  # pinned from now on
 
 
 def test_importing_tshsr_leaves_pillow_settings_alone() -> None:
