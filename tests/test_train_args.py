@@ -1,0 +1,27 @@
+"""The trainer's command line (tshsr_train.args): every flag fills a TrainArgs field, and the
+flags of runs started before the trainer moved still parse to the same settings."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tshsr_train import TrainArgs, build_parser, parse_args
+
+
+def test_every_flag_is_a_train_args_field() -> None:
+    fields = {f.name for f in dataclasses.fields(TrainArgs)}
+    dests = {a.dest for a in build_parser()._actions if a.dest != "help"}
+    assert dests <= fields, sorted(dests - fields)
+    no_flag = {"extra", "streaming", "num_workers"}  # set in code or train_args.json, not on the command line
+    assert fields - dests <= no_flag, sorted(fields - dests - no_flag)
+
+
+def test_flags_parse_to_the_settings_and_loss_levers() -> None:
+    args = parse_args(["--dataset", "flickr8k", "--data-dir", "d", "--split-val", "", "--val-rerank-k", "0",
+                       "--stream-fusion", "equal", "--level-fusion", "equal", "--aux-level-weight", "0.3",
+                       "--mine-pool", "7", "--hard-negatives", "2", "--no-progress", "--resume"])
+    assert args.dataset == "imagefolder" and args.val_split is None and args.val_rerank_k is None
+    assert (args.stream_fusion, args.level_fusion, args.progress, args.resume) == ("equal", "equal", False, True)
+    loss = args.loss_settings()
+    assert (loss.aux_level_weight, loss.mine_pool, loss.hard_negatives) == (0.3, 7, 2)
+    assert parse_args([]) == TrainArgs()  # the defaults of the flags are the dataclass's
