@@ -323,58 +323,105 @@ def load_hf_split(
     split in a column). Captions are a list per row, or one per row grouped by ``image_id``.
     Image columns may hold images (kept undecoded), file paths (under ``image_root``) or URLs.
     """
-    import datasets
-
-    from .data import ImageCaptionSplit, _ArrowRow, _as_caption_list, _Url
+    from .caption_split import _from_groups
 
     mapping = parse_columns(columns)
     where = f"{repo}{'@' + revision if revision else ''}"
     loaded = load_hub_dataset(repo, revision=revision, streaming=streaming)
-    names = list(loaded.keys())
-    first = loaded[names[0]]
+    first = loaded[list(loaded.keys())[0]]
     column_names = list(first.column_names or (first.features or {}).keys())
     resolved = _resolve_columns(mapping, column_names, where)
-    image_col, caption_col, id_col, split_col = (resolved[k] for k in ("image", "caption", "image_id", "split"))
+    parts, keep = _split_parts(loaded, split, resolved["split"], where)
+    if streaming:
+        parts, keep = _materialise_parts(parts, keep, resolved["image_id"], max_images), None
+    root = Path(image_root).expanduser() if image_root else None
+    image_ids, groups, refs = _collect_images(parts, split, resolved, filter_rows=keep is not None,
+                                              max_images=max_images, root=root, where=where)
+    if not image_ids:
+        raise ValueError(f"{where}: split {split!r} has no rows")
+    source = f"hf:{repo}" + (f"@{revision}" if revision else "")
+    return _from_groups(f"{repo}/{split}", source, image_ids, groups, refs)
 
+
+def _split_parts(
+    loaded: Any, split: str, split_col: str | None, where: str
+) -> tuple[list[Any], Callable[[dict], bool] | None]:
+    """The dataset splits holding ``split``'s rows, and the row filter that picks them (if any).
+
+    With a split column every dataset split may hold rows of ``split``; without one the split is
+    the dataset split of that name.
+    """
+    names = list(loaded.keys())
     if split_col is not None:
         wanted = _split_values(split)
-        parts = [loaded[n] for n in names]
-        keep = lambda row: str(row[split_col]) in wanted  # noqa: E731
-    else:
-        hf_split = next((c for c in _SPLIT_VALUES.get(split, (split,)) if c in names), None)
-        if hf_split is None:
-            raise ValueError(f"{where}: no split {split!r}; available: {names} (or map a split column with --columns split=NAME)")
-        parts, keep = [loaded[hf_split]], None
+        return [loaded[n] for n in names], lambda row: str(row[split_col]) in wanted
+    hf_split = next((c for c in _SPLIT_VALUES.get(split, (split,)) if c in names), None)
+    if hf_split is None:
+        raise ValueError(f"{where}: no split {split!r}; available: {names} (or map a split column with --columns split=NAME)")
+    return [loaded[hf_split]], None
 
-    if streaming:
-        group_key = (lambda row: row[id_col]) if id_col else None
-        remaining = max_images
-        materialised = []
-        for part in parts:
-            if remaining is not None and remaining <= 0:
-                break
-            ds = materialise(part, remaining, keep=keep, group_key=group_key)
-            materialised.append(ds)
-            if remaining is not None:
-                remaining -= len(set(ds[id_col])) if id_col else len(ds)
-        parts, keep = materialised, None
 
+def _materialise_parts(
+    parts: list[Any], keep: Callable[[dict], bool] | None, id_col: str | None, max_images: int | None
+) -> list[Any]:
+    """Streamed splits as in-memory datasets of their kept rows, ``max_images`` images in all."""
+    group_key = (lambda row: row[id_col]) if id_col else None
+    remaining = max_images
+    materialised = []
+    for part in parts:
+        if remaining is not None and remaining <= 0:
+            break
+        ds = materialise(part, remaining, keep=keep, group_key=group_key)
+        materialised.append(ds)
+        if remaining is not None:
+            remaining -= len(set(ds[id_col])) if id_col else len(ds)
+    return materialised
+
+
+def _image_ref_reader(part: Any, image_col: str, root: Path | None) -> Callable[[int], Any]:
+    """Row -> image reference of one dataset split: an undecoded Arrow row for an image column,
+    else the column's URL or file path (under ``root`` when given)."""
+    import datasets
+
+    from .image_refs import _ArrowRow, _Url
+
+    if isinstance(part.features[image_col], datasets.Image):
+        images = part.select_columns([image_col]).cast_column(image_col, datasets.Image(decode=False))
+        return lambda r: _ArrowRow(images, r, image_col)
+    image_values = part.select_columns([image_col])[:][image_col]
+
+    def value_ref(r: int) -> Any:
+        value = str(image_values[r])
+        if value.startswith(("http://", "https://")):
+            return _Url(value)
+        return str(root / value) if root is not None else value
+
+    return value_ref
+
+
+def _collect_images(
+    parts: list[Any], split: str, resolved: dict[str, str | None], *, filter_rows: bool,
+    max_images: int | None, root: Path | None, where: str,
+) -> tuple[list[str], list[list[str]], list[Any]]:
+    """``(image_ids, caption groups, image refs)`` of the rows of ``parts``, in order.
+
+    With an ``image_id`` column, rows sharing an id are one image (captions one per row);
+    without one, every row is an image. ``filter_rows`` keeps only rows whose split column
+    holds ``split``.
+    """
+    from .caption_split import _as_caption_list
+
+    image_col, caption_col, id_col, split_col = (resolved[k] for k in ("image", "caption", "image_id", "split"))
     image_ids: list[str] = []
     groups: list[list[str]] = []
     refs: list[Any] = []
     index_of: dict[str, int] = {}
-    root = Path(image_root).expanduser() if image_root else None
     for part in parts:
         table = part.select_columns([c for c in dict.fromkeys([caption_col, id_col, split_col]) if c])[:]
         rows: Iterable[int] = range(len(part))
-        if keep is not None:
+        if filter_rows:
             rows = [r for r in rows if str(table[split_col][r]) in _split_values(split)]
-        image_feature = part.features[image_col]
-        if isinstance(image_feature, datasets.Image):
-            images = part.select_columns([image_col]).cast_column(image_col, datasets.Image(decode=False))
-            image_values = None
-        else:
-            images, image_values = None, part.select_columns([image_col])[:][image_col]
+        ref_of = _image_ref_reader(part, image_col, root)
         for r in rows:
             key = str(table[id_col][r]) if id_col else f"{len(image_ids)}"
             captions = _as_caption_list(table[caption_col][r], f"{where}, row {r}")
@@ -385,24 +432,9 @@ def load_hf_split(
                 if id_col:
                     continue  # later rows may still add captions to images already taken
                 break
-            if images is not None:
-                ref: Any = _ArrowRow(images, r, image_col)
-            else:
-                value = str(image_values[r])
-                if value.startswith(("http://", "https://")):
-                    ref = _Url(value)
-                else:
-                    ref = str(root / value) if root is not None else value
+            ref = ref_of(r)
             index_of[key] = len(image_ids)
             image_ids.append(key)
             groups.append(captions)
             refs.append(ref)
-    if not image_ids:
-        raise ValueError(f"{where}: split {split!r} has no rows")
-    import numpy as np
-
-    captions = [c for g in groups for c in g]
-    caption_image = np.repeat(np.arange(len(groups), dtype=np.int64), [len(g) for g in groups])
-    source = f"hf:{repo}" + (f"@{revision}" if revision else "")
-    return ImageCaptionSplit(name=f"{repo}/{split}", image_ids=image_ids, captions=captions,
-                             caption_image=caption_image, image_refs=refs, source=source)
+    return image_ids, groups, refs
