@@ -12,7 +12,7 @@ def test_every_flag_is_a_train_args_field() -> None:
     fields = {f.name for f in dataclasses.fields(TrainArgs)}
     dests = {a.dest for a in build_parser()._actions if a.dest != "help"}
     assert dests <= fields, sorted(dests - fields)
-    no_flag = {"extra", "streaming", "num_workers"}  # set in code or train_args.json, not on the command line
+    no_flag = {"extra", "given"}  # set in code or train_args.json, not on the command line
     assert fields - dests <= no_flag, sorted(fields - dests - no_flag)
 
 
@@ -25,3 +25,15 @@ def test_flags_parse_to_the_settings_and_loss_levers() -> None:
     loss = args.loss_settings()
     assert (loss.aux_level_weight, loss.mine_pool, loss.hard_negatives) == (0.3, 7, 2)
     assert parse_args([]) == TrainArgs()  # the defaults of the flags are the dataclass's
+
+
+def test_given_holds_only_the_flags_on_the_command_line() -> None:
+    """--resume compares only these with the checkpoint: a default is never a change."""
+    args = parse_args(["--embed-dim", "256", "--finetune-image", "--no-progress", "--streaming",
+                       "--num-workers", "2", "--dist-timeout-min", "90"])
+    assert set(args.given) == {"embed_dim", "finetune_image", "progress", "streaming", "num_workers",
+                               "dist_timeout_min"}
+    assert (args.streaming, args.num_workers, args.dist_timeout_min) == (True, 2, 90.0)
+    assert parse_args([]).given == []
+    # Built in code (no command line): the fields off their defaults count as given.
+    assert TrainArgs(embed_dim=64, preset="dual").given_fields() == {"embed_dim", "preset"}

@@ -78,12 +78,24 @@ class TrainArgs:
     checkpoint_every: int = 50  # steps
     log_every: int = 10
     val_rerank_k: int | None = 20
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader workers for live (fine-tuned) image batches
+    dist_timeout_min: float = 60.0  # process-group timeout: rank 0 may cache features while the others wait
     resume: bool = False
     push_to_hub: str | None = None
     progress: bool = True
     threads: int | None = None
     extra: dict = field(default_factory=dict)  # free-form notes of a run, kept in train_args.json
+    # The fields the command line set explicitly (parse_args fills it): --resume compares only
+    # these with the checkpoint's model, so a flag left at its default is never a change.
+    given: list = field(default_factory=list, compare=False)
+
+    def given_fields(self) -> set[str]:
+        """Fields set on purpose: the explicit flags, or (built in code) those off their defaults."""
+        if self.given:
+            return set(self.given)
+        defaults = TrainArgs()
+        return {f for f in self.__dataclass_fields__ if f not in ("given", "extra")
+                and getattr(self, f) != getattr(defaults, f)}
 
     def loss_settings(self) -> LossSettings:
         """The loss weights and negative mining of these settings (fields of the same names)."""
@@ -108,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hf-revision", default=d.hf_revision, help="branch, tag or commit of --hf-dataset")
     g.add_argument("--columns", default=d.columns,
                    help="column mapping, e.g. image=img,caption=sentences,split=split,image_id=cocoid")
+    g.add_argument("--streaming", action="store_true",
+                   help="stream --hf-dataset instead of downloading it (keeps only --max-*-images images)")
+    g.add_argument("--num-workers", type=int, default=d.num_workers,
+                   help="DataLoader workers decoding images for --finetune-image")
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=d.preset, choices=list(TSHSRConfig.PRESETS))
     g.add_argument("--embed-dim", type=int, default=d.embed_dim, help="D")
@@ -152,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=d.device)
     g.add_argument("--threads", type=int, default=d.threads, help="CPU threads (torch.set_num_threads)")
     g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--dist-timeout-min", type=float, default=d.dist_timeout_min,
+                   help="minutes a process waits for the others (torchrun), e.g. while rank 0 caches features")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=d.output_dir)
     g.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many steps (smoke runs)")
@@ -165,9 +183,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _given_dests(parser: argparse.ArgumentParser, argv: list[str] | None) -> list[str]:
+    """The destinations of the flags present in ``argv`` (parsed again with every default suppressed)."""
+    quiet = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if action.nargs == 0:
+                kwargs["action"] = "store_const"
+                kwargs["const"] = action.const
+            quiet.add_argument(*action.option_strings, **kwargs)
+    return sorted(vars(quiet.parse_known_args(argv)[0]))
+
+
 def parse_args(argv: list[str] | None = None) -> TrainArgs:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
     values = vars(ns)
+    values["given"] = _given_dests(parser, argv)
     if values["dataset"] == "flickr8k":
         values["dataset"] = "imagefolder"
     if values["val_split"] == "":

@@ -6,6 +6,7 @@ diverged, 4 the push to the Hub failed (the trained model is kept locally).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports and pushes
+        return 0
     print(f"Best model saved in {out}")
     if args.push_to_hub:
         try:

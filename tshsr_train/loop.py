@@ -33,6 +33,7 @@ from tshsr.processing import Vocabulary
 
 from .args import TrainArgs
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import GlobalBatchLoss, dist_info, setup_distributed
 
 
 class TrainingDiverged(RuntimeError):
@@ -40,18 +41,6 @@ class TrainingDiverged(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _setup_distributed(device: torch.device) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-
-
 def _resolve_device(name: str) -> torch.device:
     if name != "auto":
         return torch.device(name)
@@ -74,6 +63,40 @@ def build_config(args: TrainArgs, vocabulary: Vocabulary | None) -> TSHSRConfig:
     return TSHSRConfig.preset(args.preset, **overrides)
 
 
+# The model flags and the config fields each one decides (what --resume checks).
+MODEL_FLAGS = {
+    "preset": ("preset_name", "head", "streams", "levels", "reasoning_steps", "global_cosine"),
+    "embed_dim": ("embed_dim",), "sim_dim": ("sim_dim",), "image_backbone": ("image_backbone",),
+    "image_weights": ("image_weights",), "text_model": ("text_model",), "text_encoder": ("text_encoder",),
+    "finetune_text": ("finetune_text",), "finetune_image": ("finetune_image",),
+    "stream_fusion": ("stream_fusion",), "level_fusion": ("level_fusion",),
+    "image_feature_dim": ("image_feature_dim",), "dataset": ("image_encoder",),
+}
+
+
+def resumed_config(args: TrainArgs, checkpoint: Path, vocabulary: Vocabulary | None) -> TSHSRConfig:
+    """The model configuration of a resumed run: the checkpoint's. A flag given on the command
+    line that would build a different model is refused, naming the fields; flags left at their
+    defaults are not compared (the run may have been started with other values)."""
+    stored = TSHSRConfig.load(checkpoint)
+    given = args.given_fields() & set(MODEL_FLAGS)
+    if given:
+        wanted = build_config(args, vocabulary)
+        changes = []
+        for flag in sorted(given):
+            for name in MODEL_FLAGS[flag]:
+                if name == "image_feature_dim" and stored.image_encoder != "precomputed":
+                    continue  # filled in from the backbone, not from the flag
+                old, new = getattr(stored, name), getattr(wanted, name)
+                if old != new:
+                    changes.append(f"{name} (checkpoint {old!r}, --{flag.replace('_', '-')} gives {new!r})")
+        if changes:
+            raise ValueError(f"--resume continues the model in {checkpoint}, whose configuration the command line "
+                             f"would change: {'; '.join(changes)}. Drop those flags to resume, or start a new "
+                             f"run in another --output-dir.")
+    return stored
+
+
 class BatchSource:
     """Backbone features of a split for training: from the feature cache when the backbone is
     frozen, computed live (with gradients) when it is fine-tuned."""
@@ -84,11 +107,12 @@ class BatchSource:
         self.live_images = cfg.finetune_image
         self.live_texts = cfg.finetune_text or cfg.text_encoder == "bigru"
         self.cached = None
+        self.loader, self._batches = None, None
         if not (self.live_images and self.live_texts):
             from tshsr.features import cache_features
 
             images = split.regions if split.regions is not None else split.images()
-            rank, world = _dist_info()
+            rank, world = dist_info()
             # One process writes the cache; the others wait and then open the finished entry.
             for turn in ([0, 1] if world > 1 else [0]):
                 if (rank == 0) == (turn == 0):
@@ -97,7 +121,31 @@ class BatchSource:
                 if world > 1:
                     dist.barrier()
 
+    def use_loader(self, args: TrainArgs) -> None:
+        """Training images of a fine-tuned backbone come from DataLoader workers
+        (:func:`tshsr.pipeline.image_batch_loader`), in the trainer's batch order."""
+        if not self.live_images or self.split.regions is not None:
+            return
+        from tshsr.pipeline import image_batch_loader
+
+        rank, world = dist_info()
+        self.loader = image_batch_loader(self.split, self.model.processor, batch_size=args.batch_size, seed=args.seed,
+                                         num_workers=args.num_workers, rank=rank, world=world)
+
+    def begin_epoch(self, epoch: int, start_step: int) -> None:
+        if self.loader is not None:
+            self.loader.batch_sampler.set_epoch(epoch, start_step=start_step)
+            self._batches = iter(self.loader)
+
     def images(self, index, device):
+        if self.loader is not None and self._batches is not None:
+            from tshsr.pipeline import normalize_pixels
+
+            batch = next(self._batches)
+            if not torch.equal(batch["index"], torch.as_tensor(np.asarray(index), dtype=torch.long)):
+                raise RuntimeError(f"image loader out of step with the trainer at step {batch['step']}")
+            pixels = normalize_pixels(batch["pixels"].to(self.model.device, non_blocking=True), self.model.config)
+            return self.model.image_backbone(pixels)
         if self.live_images:
             if self.split.regions is not None:
                 return self.model.image_features(self.split.regions[np.asarray(index)])
@@ -215,11 +263,6 @@ def _log(path: Path, record: dict) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
-def _log(path: Path, record: dict) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-
-
 @dataclass
 class _Run:
     """What one training process holds while it trains."""
@@ -239,6 +282,7 @@ class _Run:
     autocast_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
     params: list = field(default_factory=list)
+    ddp: torch.nn.Module | None = None  # DistributedDataParallel over GlobalBatchLoss(model), world > 1
 
     @property
     def main(self) -> bool:
@@ -250,13 +294,13 @@ class _Run:
 
 def _start(args: TrainArgs) -> _Run:
     """Device, process group, data, model, optimizer, and the state of a resumed run."""
-    from tshsr.data import load_split
+    from tshsr.data import load_split_from_args
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)
-    _setup_distributed(device)
-    rank, world = _dist_info()
+    setup_distributed(device, args.dist_timeout_min)
+    rank, world = dist_info()
     out = Path(args.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -266,18 +310,23 @@ def _start(args: TrainArgs) -> _Run:
                          f"another --output-dir")
 
     random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
-    train_split = load_split(args.dataset, args.train_split, data_dir=args.data_dir, image_root=args.image_root,
-                             max_images=args.max_train_images)
-    val_split = load_split(args.dataset, args.val_split, data_dir=args.data_dir, image_root=args.image_root,
-                           max_images=args.max_val_images) if args.val_split else None
+    train_split = load_split_from_args(args, args.train_split, max_images=args.max_train_images)
+    val_split = load_split_from_args(args, args.val_split, max_images=args.max_val_images) if args.val_split else None
 
     vocabulary = None
-    if args.text_encoder == "bigru":
-        vocabulary = Vocabulary.load(checkpoint) if checkpoint else Vocabulary.build(train_split.captions)
-    model = TSHSRModel(build_config(args, vocabulary), vocabulary=vocabulary).to(device)
+    if checkpoint is not None:
+        if (checkpoint / "vocab.json").exists():
+            vocabulary = Vocabulary.load(checkpoint)
+        config = resumed_config(args, checkpoint, vocabulary)
+    else:
+        if args.text_encoder == "bigru":
+            vocabulary = Vocabulary.build(train_split.captions)
+        config = build_config(args, vocabulary)
+    model = TSHSRModel(config, vocabulary=vocabulary).to(device)
     model.train()
     progress = args.progress and rank == 0
     train_source = BatchSource(model, train_split, args.cache_dir, progress)
+    train_source.use_loader(args)
     val_source = BatchSource(model, val_split, args.cache_dir, progress) if val_split else None
 
     optimizer = torch.optim.Adam(_param_groups(model, args), lr=args.lr)
@@ -286,10 +335,10 @@ def _start(args: TrainArgs) -> _Run:
         state = load_checkpoint(checkpoint, model, optimizer)
         if rank == 0:
             print(f"Resumed from {checkpoint}: epoch {state['epoch']}, step {state['global_step']}", flush=True)
-    if world > 1:  # every process starts from rank 0's weights (inits differ: seeds are per rank)
-        with torch.no_grad():
-            for tensor in list(model.parameters()) + list(model.buffers()):
-                dist.broadcast(tensor, 0)
+    ddp = None
+    if world > 1:  # DDP starts every process from rank 0's weights (inits differ: seeds are per rank)
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            GlobalBatchLoss(model), device_ids=[device.index] if device.type == "cuda" else None)
 
     precision = args.precision
     if precision == "auto":
@@ -300,7 +349,7 @@ def _start(args: TrainArgs) -> _Run:
                 steps_per_epoch=max(1, len(train_split.captions) // (args.batch_size * world)),
                 autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
                 scaler=torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda"),
-                params=[p for p in model.parameters() if p.requires_grad])
+                params=[p for p in model.parameters() if p.requires_grad], ddp=ddp)
 
 
 def _train_step(r: _Run, order: torch.Tensor, epoch: int):
@@ -314,24 +363,24 @@ def _train_step(r: _Run, order: torch.Tensor, epoch: int):
     positive = (unique.unsqueeze(1) == images.unsqueeze(0)).to(device)
     for group in r.optimizer.param_groups:
         group["lr"] = group["base_lr"] * _lr_factor(args, epoch + step / r.steps_per_epoch)
-    gen = torch.Generator().manual_seed(args.seed * 7_919 + state["global_step"] * r.world + r.rank)
+    # One seed per step, the same on every rank: all ranks mine the same global candidates.
+    gen = torch.Generator().manual_seed(args.seed * 7_919 + state["global_step"])
     with torch.autocast(device.type, dtype=r.autocast_dtype, enabled=r.autocast_dtype is not None):
         regions, region_mask = r.train_source.images(unique.numpy(), device)
         tokens, token_mask = r.train_source.texts(captions.numpy(), device)
-        loss, parts = compute_loss(model, regions.to(device), region_mask.to(device), tokens.to(device),
-                                   token_mask.to(device), positive, args,
-                                   hardest=epoch >= args.warmup_epochs, generator=gen)
+        if r.ddp is None:
+            loss, parts = compute_loss(model, regions.to(device), region_mask.to(device), tokens.to(device),
+                                       token_mask.to(device), positive, args,
+                                       hardest=epoch >= args.warmup_epochs, generator=gen)
+        else:
+            out = r.ddp(regions.to(device), region_mask.to(device), tokens.to(device), token_mask.to(device),
+                        unique, images, args.loss_settings(), epoch >= args.warmup_epochs, gen)
+            loss, parts = out.loss, out.parts
     if not torch.isfinite(loss):
         raise TrainingDiverged(f"Loss became {loss.item()} at epoch {epoch + 1}, step {step}: training stopped. "
                                f"The last good checkpoint is in {r.out / 'checkpoint'}; lower --lr or check the data.")
     r.optimizer.zero_grad(set_to_none=True)
-    r.scaler.scale(loss).backward()
-    if r.world > 1:
-        for p in r.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= r.world
+    r.scaler.scale(loss).backward()  # under DDP the gradients arrive averaged over the ranks
     r.scaler.unscale_(r.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(r.params, args.grad_clip) if args.grad_clip > 0 else None
     r.scaler.step(r.optimizer)
@@ -341,6 +390,8 @@ def _train_step(r: _Run, order: torch.Tensor, epoch: int):
     state["step_in_epoch"] += 1
     state["global_step"] += 1
     pairs = int(parts.get("pairs", torch.tensor(0.0)).item()) or len(captions) * len(unique)
+    if r.ddp is not None:  # the global batch's pairs, scored on every rank: count this rank's share
+        pairs = pairs // r.world
     return loss, parts, grad_norm, pairs
 
 
@@ -350,6 +401,7 @@ def _train_epoch(r: _Run) -> bool:
     epoch = state["epoch"]
     n_captions = len(r.caption_image)
     order = torch.randperm(n_captions, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+    r.train_source.begin_epoch(epoch, state["step_in_epoch"])
     bar = tqdm(total=r.steps_per_epoch, initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{args.epochs}",
                disable=not (args.progress and r.main), unit="step", dynamic_ncols=True)
     t_last, pairs_seen, done = time.time(), 0, False
