@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tshsr.data import DATASETS, load_split
+from tshsr.data import DATASETS, load_split_from_args
 from tshsr import evaluate as library
 from tshsr.evaluate import AUTO_COMPILE_PAIRS, evaluate_split
 from tshsr.model import TSHSRModel
@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", required=True, choices=list(DATASETS))
     parser.add_argument("--data-dir", default=None, help="dataset folder (imagefolder, save_to_disk or precomp)")
     parser.add_argument("--image-root", default=None, help="COCO: folder holding train2014/ and val2014/")
+    parser.add_argument("--hf-dataset", default=None, metavar="REPO",
+                        help="any Hub image-caption dataset (script repos fall back to refs/convert/parquet)")
+    parser.add_argument("--hf-revision", default=None, help="branch, tag or commit of --hf-dataset")
+    parser.add_argument("--columns", default=None,
+                        help="column mapping, e.g. image=img,caption=sentences,split=split,image_id=cocoid")
+    parser.add_argument("--streaming", action="store_true",
+                        help="stream --hf-dataset instead of downloading it (with --max-images)")
     parser.add_argument("--split", default=None,
                         help="split to evaluate (default: validation for imagefolder/flickr8k, else test)")
     parser.add_argument("--output", default="metrics.json", help="where to write the metrics JSON")
@@ -87,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     split_name = args.split or ("validation" if args.dataset in ("imagefolder", "flickr8k") else "test")
     device = args.device or _default_device()
     progress = not args.no_progress
-    split = load_split(args.dataset, split_name, data_dir=args.data_dir, image_root=args.image_root,
-                       max_images=args.max_images)
+    split = load_split_from_args(args, split_name, max_images=args.max_images)
     model = TSHSRModel.from_pretrained(args.model, map_location=device)
     want_1k = args.coco_1k or (args.dataset == "coco" and split_name == "test")
     can_1k = len(split) >= library.COCO_FOLD_SIZE and len(split) % library.COCO_FOLD_SIZE == 0
