@@ -119,3 +119,62 @@ def test_model_mined_negatives_are_the_models_hardest(make_model, regions, capti
     expected[torch.arange(6), full.argmax(1)] = True
     expected[full.argmax(0), torch.arange(6)] = True
     assert torch.equal(candidate, expected)
+
+
+# --- SCAN alignment at the local and context levels (level_cosine) ---------------------------
+def test_attended_cosine_grid_equals_the_attended_vectors_cosine(make_model, regions, captions) -> None:
+    """The Gram-matrix shortcut gives the same alignment as building every attended vector."""
+    from tshsr.encoding import head_inputs
+    from tshsr.heads import attended_cosine_grid, cross_attention, mean_alignment
+
+    model = make_model("tshsr", level_cosine=True)
+    images, texts = _encode(model, regions[:4], captions[:5])
+    img, txt = head_inputs(images), head_inputs(texts)
+    for queries_are_images in (True, False):
+        q, k = (img, txt) if queries_are_images else (txt, img)
+        grid = attended_cosine_grid(q["units"], q["mask"], k["units"], k["mask"], 9.0, queries_are_images)
+        assert grid.shape == (4, 5)
+        for i in range(4):
+            for t in range(5):
+                qi, ki = (i, t) if queries_are_images else (t, i)
+                attended, _ = cross_attention(q["units"][qi:qi + 1], q["mask"][qi:qi + 1], k["units"][ki:ki + 1],
+                                              k["mask"][ki:ki + 1], 9.0)
+                expected = mean_alignment(attended, q["units"][qi:qi + 1], q["mask"][qi:qi + 1])
+                assert grid[i, t].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_level_cosine_scores_blend_alignment_and_agree_across_paths(make_model, regions, captions) -> None:
+    model = make_model("tshsr", level_cosine=True, stream_fusion="equal", level_fusion="equal")
+    with torch.no_grad():
+        for head in model.streams.values():
+            head.alignment_mix.copy_(torch.tensor([0.7, -1.2]))  # unequal, so a swapped level shows
+    images, texts = _encode(model, regions[:4], captions[:5])
+    grid = model.score_encoded(images, texts)
+    pi, pt = torch.meshgrid(torch.arange(4), torch.arange(5), indexing="ij")
+    pairs = model.score_pairs(images, texts, pi.reshape(-1), pt.reshape(-1))
+    torch.testing.assert_close(pairs.scores.view(4, 5), grid.scores, atol=1e-5, rtol=1e-5)
+    for key in grid.level_scores:
+        torch.testing.assert_close(pairs.level_scores[key].view(4, 5), grid.level_scores[key], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.stack(list(grid.contributions.values())).sum(0), grid.scores)
+    # Turning the alignment fully off recovers the node readout alone: the blend is really there.
+    off = make_model("tshsr", level_fusion="equal", stream_fusion="equal")
+    off.load_state_dict({k: v for k, v in model.state_dict().items() if "alignment_mix" not in k})
+    with torch.no_grad():
+        for head in model.streams.values():
+            head.alignment_mix.fill_(-60.0)
+    torch.testing.assert_close(model.score_encoded(images, texts).scores, off.score_encoded(images, texts).scores)
+
+
+def test_alignment_loss_trains_the_unit_projections(make_model, regions, captions) -> None:
+    from tshsr.loss import LossSettings, matching_loss
+
+    model = make_model("tshsr", level_cosine=True).train()
+    positive = torch.eye(4, dtype=torch.bool)
+    settings = LossSettings(contrastive_weight=0.0, aux_stream_weight=0.0, alignment_weight=1.0, hard_negatives=1)
+    images = model.encode_image_features(*model.image_features(regions[:4]))
+    texts = model.encode_text_features(*model.text_features(captions[:4]))
+    out = matching_loss(model, images, texts, positive, settings, hardest=False)
+    assert set(out.parts) >= {"alignment", "hinge"} and out.parts["alignment"] > 0
+    model.zero_grad()
+    out.parts["alignment"].backward()
+    assert model.image_proj.weight.grad.abs().sum() > 0 and model.text_proj.weight.grad.abs().sum() > 0

@@ -40,6 +40,7 @@ class TSHSRConfig:
     attention_smooth: float = 9.0  # lambda of SCAN's softmax(lambda * A)
     global_cosine: bool = True  # the global level also carries the dual-encoder cosine
     stream_fusion: str = "learned"  # "learned" (softmax weights) or "equal" (fixed, cannot collapse)
+    level_cosine: bool = False  # local/context levels also carry SCAN's alignment (attended cosine)
     level_fusion: str = "learned"  # "learned" (softmax weights per stream) or "equal" (fixed 1/levels)
     logit_scale_init: float = 20.0  # temperature of the contrastive term on global vectors
 

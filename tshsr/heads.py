@@ -82,6 +82,37 @@ def cross_attention_grid(
     return attended, weights
 
 
+def attended_cosine_grid(
+    queries: torch.Tensor, query_mask: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
+    smooth: float, queries_are_images: bool,
+) -> torch.Tensor:
+    """SCAN's alignment score of every (image, text) combination, [n_images, n_texts]: the mean
+    over valid query units of cos(q_i, a_i), a_i the attended vector of :func:`cross_attention`.
+
+    Computed without the attended vectors: q_i . sum_j w_ij k_j = sum_j w_ij (q_i . k_j) and
+    ||sum_j w_ij k_j||^2 = w_i^T G w_i with G = K K^T per key item, so a whole training batch
+    (every image with every caption) costs about as little as its affinities.
+    """
+    Bq, nq, D = queries.shape
+    Bk, nk, _ = keys.shape
+    raw = (queries.reshape(Bq * nq, D) @ keys.reshape(Bk * nk, D).T).view(Bq, nq, Bk, nk).permute(2, 0, 1, 3)
+    qmask = query_mask.view(1, Bq, nq, 1).to(raw.dtype)
+    affinity = l2norm(F.leaky_relu(raw, 0.1) * qmask, dim=2)
+    weights = masked_softmax(smooth * affinity, key_mask.view(Bk, 1, 1, nk), dim=3) * qmask  # [Bk, Bq, nq, nk]
+    gram = torch.bmm(keys, keys.transpose(1, 2))  # [Bk, nk, nk]
+    squared = (torch.matmul(weights, gram.unsqueeze(1)) * weights).sum(-1)
+    cos = (weights * raw).sum(-1) / (squared.clamp(min=1e-12).sqrt() + 1e-8)  # l2norm's eps
+    valid = query_mask.view(1, Bq, nq).to(raw.dtype)
+    score = (cos * valid).sum(-1) / valid.sum(-1).clamp(min=1)  # [Bk, Bq]
+    return score.T if queries_are_images else score
+
+
+def mean_alignment(attended: torch.Tensor, queries: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over valid query units of cos(q_i, a_i) (both unit vectors), over any leading shape."""
+    mask = mask.to(attended.dtype)
+    return ((attended * queries).sum(-1) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
 class SimilarityNodes(nn.Module):
     """Similarity vector of two aligned vectors: l2norm(W (x - y)^2), as in SGRAF."""
 
@@ -206,6 +237,11 @@ class StreamHead(nn.Module):
         self.cosine_mix = nn.Parameter(torch.tensor(2.0)) if self.global_cosine else None
         if config.level_fusion == "learned":
             self.level_logits = nn.Parameter(torch.zeros(len(self.levels)))
+        # The local and context levels also carry SCAN's alignment score (the mean cosine of each
+        # query unit with what it attends to), as the global level carries the global cosine.
+        self.aligned_levels = tuple(lv for lv in self.levels if lv != "global") if config.level_cosine else ()
+        if self.aligned_levels:
+            self.alignment_mix = nn.Parameter(torch.full((len(self.aligned_levels),), 2.0))
 
     def level_weights(self) -> torch.Tensor:
         if hasattr(self, "level_logits"):
@@ -226,11 +262,14 @@ class StreamHead(nn.Module):
             attended, weights = cross_attention(q["units"], q["mask"], k["units"], k["mask"], self.smooth)
             local = self.local_nodes(attended, q["units"])
             query_mask = q["mask"]
+            align = {"local": mean_alignment(attended, q["units"], query_mask)} if self.aligned_levels else {}
             glob = self.global_nodes(k["pooled"], q["pooled"])
             membership = q.get("membership")
             if "context" in self.levels:
                 ctx_attended, ctx_weights = cross_attention(q["context"], ctx_mask, k["units"], k["mask"], self.smooth)
                 context = self.context_nodes(ctx_attended, q["context"])
+                if self.aligned_levels:
+                    align["context"] = mean_alignment(ctx_attended, q["context"], ctx_mask)
         else:
             images_first = self.stream == "i2t"
             n_pairs = grid[0] * grid[1]
@@ -247,6 +286,8 @@ class StreamHead(nn.Module):
             local = self.local_nodes(attended, per_pair(q["units"])).reshape(n_pairs, *attended.shape[2:3], -1)
             weights = weights.reshape(n_pairs, *weights.shape[2:])
             query_mask = per_pair(q["mask"]).reshape(n_pairs, -1)
+            align = {"local": mean_alignment(attended, per_pair(q["units"]), per_pair(q["mask"])).reshape(-1)
+                     } if self.aligned_levels else {}
             glob = self.global_nodes(key_side(k["pooled"]), per_pair(q["pooled"])).reshape(n_pairs, -1)
             membership = None if q.get("membership") is None else per_pair(q["membership"]).reshape(
                 n_pairs, *q["membership"].shape[1:])
@@ -256,6 +297,9 @@ class StreamHead(nn.Module):
                 context = self.context_nodes(ctx_attended, per_pair(q["context"]))
                 context = context.reshape(n_pairs, *context.shape[2:])
                 ctx_weights = ctx_weights.reshape(n_pairs, *ctx_weights.shape[2:])
+                if self.aligned_levels:
+                    align["context"] = mean_alignment(ctx_attended, per_pair(q["context"]),
+                                                      per_pair(ctx_mask)).reshape(-1)
         local = local * query_mask.unsqueeze(-1)
         if "context" not in self.levels:
             context = membership = None
@@ -264,21 +308,43 @@ class StreamHead(nn.Module):
             maps["context_membership"] = membership
         local, context, glob = self.reasoning(local, query_mask, context, membership, glob)
 
+        scores, alpha = self._level_scores(local, query_mask, context, glob, cosine, align)
+        if want_maps:
+            maps["attention"] = weights
+            maps["local_weights"] = alpha
+        return {lv: scores[lv] for lv in self.levels}, maps
+
+    def _level_scores(self, local, query_mask, context, glob, cosine, align):
+        """Each level's score from its reasoned nodes, blended with its cosine where it has one."""
         scores = {}
         scores["local"], alpha = self.local_readout(local, query_mask)
         if "context" in self.levels:
             ones = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
             scores["context"], _ = self.context_readout(context, ones)
+        for j, level in enumerate(self.aligned_levels):
+            mix = torch.sigmoid(self.alignment_mix[j])
+            scores[level] = mix * align[level] + (1 - mix) * scores[level]
         node_score = torch.sigmoid(self.global_readout(glob).squeeze(-1))
         if self.global_cosine:
             mix = torch.sigmoid(self.cosine_mix)
             scores["global"] = mix * cosine + (1 - mix) * node_score
         else:
             scores["global"] = node_score
-        if want_maps:
-            maps["attention"] = weights
-            maps["local_weights"] = alpha
-        return {lv: scores[lv] for lv in self.levels}, maps
+        return scores, alpha
+
+    def alignment_grid(self, q, k) -> dict[str, torch.Tensor]:
+        """The alignment score of every level that has one, for every (image, text) combination of
+        the given items: {level: [n_images, n_texts]} (the training batch's contrastive term)."""
+        images_first = self.stream == "i2t"
+        out = {}
+        if "local" in self.aligned_levels:
+            out["local"] = attended_cosine_grid(q["units"], q["mask"], k["units"], k["mask"], self.smooth,
+                                                images_first)
+        if "context" in self.aligned_levels:
+            ctx_mask = torch.ones_like(q["context"][..., 0], dtype=torch.bool)
+            out["context"] = attended_cosine_grid(q["context"], ctx_mask, k["units"], k["mask"], self.smooth,
+                                                  images_first)
+        return out
 
 
 class GraphReasoningStep(nn.Module):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .encoding import head_inputs
 from .losses import contrastive_loss, hinge_loss, mine_candidates
 
 
@@ -25,6 +26,7 @@ class LossSettings:
     aux_level_weight: float = 0.0  # hinge on each stream/level score alone, so every part is a matcher
     mine_pool: int = 0  # >0: the full model picks the hard negatives among this many cosine candidates
     contrastive_weight: float = 1.0
+    alignment_weight: float = 0.0  # InfoNCE over the whole batch on each level's alignment score
 
     @classmethod
     def from_args(cls, args) -> "LossSettings":
@@ -48,6 +50,11 @@ def matching_loss(model, images, texts, positive: torch.Tensor, settings: LossSe
     scale = model.logit_scale.exp().clamp(max=100.0)
     parts = {"contrastive": contrastive_loss(similarity, positive, scale)}
     loss = settings.contrastive_weight * parts["contrastive"]
+    if settings.alignment_weight > 0:
+        aligned = model.head_kind.alignment_scores(model, head_inputs(images), head_inputs(texts))
+        if aligned:
+            parts["alignment"] = sum(contrastive_loss(v, positive, scale) for v in aligned.values()) / len(aligned)
+            loss = loss + settings.alignment_weight * parts["alignment"]
     if model.head_kind.cross_attention:
         candidate = mine(model, images, texts, similarity, positive, settings, generator)
         pi, pt = candidate.nonzero(as_tuple=True)

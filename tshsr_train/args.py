@@ -61,6 +61,8 @@ class TrainArgs:
     mine_pool: int = 0  # >0: the full model picks the hard negatives among this many cosine candidates
     stream_fusion: str = "learned"
     level_fusion: str = "learned"
+    level_cosine: bool = False  # local/context levels also carry SCAN's alignment (attended cosine)
+    alignment_weight: float = 0.0  # InfoNCE over the whole batch on each level's alignment score
     contrastive_weight: float = 1.0
     finetune_text: bool = False
     finetune_image: bool = False
@@ -102,6 +104,39 @@ class TrainArgs:
         return LossSettings.from_args(self)
 
 
+def _add_optimisation_flags(p: argparse.ArgumentParser, d: TrainArgs) -> None:
+    """The optimisation and loss flags (their own function: the parser stays readable)."""
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--lr-schedule", default=d.lr_schedule, choices=["step", "cosine", "constant"])
+    g.add_argument("--lr-update", type=int, default=d.lr_update, help="step schedule: epoch of the x0.1 decay")
+    g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
+                   help="epochs summing all violations before hardest-negative hinge")
+    g.add_argument("--margin", type=float, default=d.margin)
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    g.add_argument("--hard-negatives", type=int, default=d.hard_negatives,
+                   help="negatives per image and per caption mined by global similarity (-1: all pairs)")
+    g.add_argument("--random-negatives", type=int, default=d.random_negatives)
+    g.add_argument("--aux-stream-weight", type=float, default=d.aux_stream_weight,
+                   help="weight of a hinge on each stream's own score")
+    g.add_argument("--aux-level-weight", type=float, default=d.aux_level_weight,
+                   help="weight of a hinge on each stream/level score alone (every part a matcher)")
+    g.add_argument("--mine-pool", type=int, default=d.mine_pool,
+                   help="cosine proposes this many negatives per image and caption, the full model keeps "
+                        "the --hard-negatives it finds hardest (0: the cosine picks them)")
+    g.add_argument("--contrastive-weight", type=float, default=d.contrastive_weight)
+    g.add_argument("--alignment-weight", type=float, default=d.alignment_weight,
+                   help="weight of an in-batch InfoNCE on each level's alignment score (with --level-cosine)")
+    g.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
+    g.add_argument("--device", default=d.device)
+    g.add_argument("--threads", type=int, default=d.threads, help="CPU threads (torch.set_num_threads)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--dist-timeout-min", type=float, default=d.dist_timeout_min,
+                   help="minutes a process waits for the others (torchrun), e.g. while rank 0 caches features")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``train.py`` / ``tshsr-train``: one flag per :class:`TrainArgs` field."""
     d = TrainArgs()
@@ -137,39 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream weights: learned softmax, or fixed equal (cannot collapse)")
     g.add_argument("--level-fusion", default=d.level_fusion, choices=["learned", "equal"],
                    help="level weights within a stream: learned softmax, or fixed equal")
+    g.add_argument("--level-cosine", action="store_true",
+                   help="the local and context levels also carry SCAN's alignment score (mean cosine of each "
+                        "unit with what it attends to), as the global level carries the global cosine")
     g.add_argument("--finetune-text", action="store_true")
     g.add_argument("--finetune-image", action="store_true")
     g.add_argument("--text-lr-mult", type=float, default=d.text_lr_mult)
     g.add_argument("--image-lr-mult", type=float, default=d.image_lr_mult)
     g.add_argument("--fusion-lr-mult", type=float, default=d.fusion_lr_mult,
                    help="learning-rate multiplier of the level/stream mixing weights")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--lr-schedule", default=d.lr_schedule, choices=["step", "cosine", "constant"])
-    g.add_argument("--lr-update", type=int, default=d.lr_update, help="step schedule: epoch of the x0.1 decay")
-    g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
-                   help="epochs summing all violations before hardest-negative hinge")
-    g.add_argument("--margin", type=float, default=d.margin)
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    g.add_argument("--hard-negatives", type=int, default=d.hard_negatives,
-                   help="negatives per image and per caption mined by global similarity (-1: all pairs)")
-    g.add_argument("--random-negatives", type=int, default=d.random_negatives)
-    g.add_argument("--aux-stream-weight", type=float, default=d.aux_stream_weight,
-                   help="weight of a hinge on each stream's own score")
-    g.add_argument("--aux-level-weight", type=float, default=d.aux_level_weight,
-                   help="weight of a hinge on each stream/level score alone (every part a matcher)")
-    g.add_argument("--mine-pool", type=int, default=d.mine_pool,
-                   help="cosine proposes this many negatives per image and caption, the full model keeps "
-                        "the --hard-negatives it finds hardest (0: the cosine picks them)")
-    g.add_argument("--contrastive-weight", type=float, default=d.contrastive_weight)
-    g.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
-    g.add_argument("--device", default=d.device)
-    g.add_argument("--threads", type=int, default=d.threads, help="CPU threads (torch.set_num_threads)")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--dist-timeout-min", type=float, default=d.dist_timeout_min,
-                   help="minutes a process waits for the others (torchrun), e.g. while rank 0 caches features")
+    _add_optimisation_flags(p, d)
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=d.output_dir)
     g.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many steps (smoke runs)")

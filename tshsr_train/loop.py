@@ -55,7 +55,8 @@ def build_config(args: TrainArgs, vocabulary: Vocabulary | None) -> TSHSRConfig:
     overrides = dict(embed_dim=args.embed_dim, sim_dim=args.sim_dim, image_backbone=args.image_backbone,
                      image_weights=args.image_weights, text_model=args.text_model, text_encoder=args.text_encoder,
                      finetune_text=args.finetune_text, finetune_image=args.finetune_image,
-                     stream_fusion=args.stream_fusion, level_fusion=args.level_fusion)
+                     stream_fusion=args.stream_fusion, level_fusion=args.level_fusion,
+                     level_cosine=args.level_cosine)
     if args.dataset == "precomp":
         overrides.update(image_encoder="precomputed", image_feature_dim=args.image_feature_dim or 2048)
     if args.text_encoder == "bigru":
@@ -69,7 +70,7 @@ MODEL_FLAGS = {
     "embed_dim": ("embed_dim",), "sim_dim": ("sim_dim",), "image_backbone": ("image_backbone",),
     "image_weights": ("image_weights",), "text_model": ("text_model",), "text_encoder": ("text_encoder",),
     "finetune_text": ("finetune_text",), "finetune_image": ("finetune_image",),
-    "stream_fusion": ("stream_fusion",), "level_fusion": ("level_fusion",),
+    "stream_fusion": ("stream_fusion",), "level_fusion": ("level_fusion",), "level_cosine": ("level_cosine",),
     "image_feature_dim": ("image_feature_dim",), "dataset": ("image_encoder",),
 }
 
@@ -176,7 +177,7 @@ def _lr_factor(args: TrainArgs, epoch_float: float) -> float:
 
 # Scalar mixing weights (level and stream weights, the cosine mix) get a larger learning rate:
 # at the head's 2e-4 they barely move in a short run and stay near their initial values.
-FUSION_PARAMETERS = ("level_logits", "stream_logits", "cosine_mix")
+FUSION_PARAMETERS = ("level_logits", "stream_logits", "cosine_mix", "alignment_mix")
 
 
 def _param_groups(model: TSHSRModel, args: TrainArgs):
