@@ -26,7 +26,8 @@ class LossSettings:
     aux_level_weight: float = 0.0  # hinge on each stream/level score alone, so every part is a matcher
     mine_pool: int = 0  # >0: the full model picks the hard negatives among this many cosine candidates
     contrastive_weight: float = 1.0
-    alignment_weight: float = 0.0  # InfoNCE over the whole batch on each level's alignment score
+    alignment_weight: float = 0.0  # InfoNCE on each level's alignment score, within groups of captions
+    alignment_chunk: int = 32  # captions per InfoNCE group (every pair of a group is aligned: cost ~ chunk x batch)
 
     @classmethod
     def from_args(cls, args) -> "LossSettings":
@@ -51,10 +52,10 @@ def matching_loss(model, images, texts, positive: torch.Tensor, settings: LossSe
     parts = {"contrastive": contrastive_loss(similarity, positive, scale)}
     loss = settings.contrastive_weight * parts["contrastive"]
     if settings.alignment_weight > 0:
-        aligned = model.head_kind.alignment_scores(model, head_inputs(images), head_inputs(texts))
-        if aligned:
-            parts["alignment"] = sum(contrastive_loss(v, positive, scale) for v in aligned.values()) / len(aligned)
-            loss = loss + settings.alignment_weight * parts["alignment"]
+        alignment = alignment_loss(model, images, texts, positive, scale, settings.alignment_chunk)
+        if alignment is not None:
+            parts["alignment"] = alignment
+            loss = loss + settings.alignment_weight * alignment
     if model.head_kind.cross_attention:
         candidate = mine(model, images, texts, similarity, positive, settings, generator)
         pi, pt = candidate.nonzero(as_tuple=True)
@@ -74,6 +75,21 @@ def matching_loss(model, images, texts, positive: torch.Tensor, settings: LossSe
             loss = loss + settings.aux_level_weight * parts["aux_levels"]
         parts["pairs"] = torch.tensor(float(len(pi)))
     return MatchingLoss(loss, parts)
+
+
+def alignment_loss(model, images, texts, positive: torch.Tensor, scale: torch.Tensor,
+                   chunk: int) -> torch.Tensor | None:
+    """Mean InfoNCE of every level's alignment score, over groups of ``chunk`` captions, each group
+    against the images of its own captions (every pair of a group aligned: a whole batch of 128
+    would cost ~16K pair alignments a step). None for heads without alignment scores."""
+    losses = []
+    for start in range(0, positive.shape[1], chunk):
+        cols = torch.arange(start, min(start + chunk, positive.shape[1]), device=positive.device)
+        rows = positive[:, cols].any(1).nonzero(as_tuple=True)[0]
+        group = positive[rows][:, cols]
+        aligned = model.head_kind.alignment_scores(model, head_inputs(images, rows), head_inputs(texts, cols))
+        losses += [contrastive_loss(v, group, scale) for v in aligned.values()]
+    return torch.stack(losses).mean() if losses else None
 
 
 def mine(model, images, texts, similarity: torch.Tensor, positive: torch.Tensor, settings: LossSettings,

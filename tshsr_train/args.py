@@ -62,7 +62,8 @@ class TrainArgs:
     stream_fusion: str = "learned"
     level_fusion: str = "learned"
     level_cosine: bool = False  # local/context levels also carry SCAN's alignment (attended cosine)
-    alignment_weight: float = 0.0  # InfoNCE over the whole batch on each level's alignment score
+    alignment_weight: float = 0.0  # InfoNCE on each level's alignment score, within groups of captions
+    alignment_chunk: int = 32
     contrastive_weight: float = 1.0
     finetune_text: bool = False
     finetune_image: bool = False
@@ -128,7 +129,9 @@ def _add_optimisation_flags(p: argparse.ArgumentParser, d: TrainArgs) -> None:
                         "the --hard-negatives it finds hardest (0: the cosine picks them)")
     g.add_argument("--contrastive-weight", type=float, default=d.contrastive_weight)
     g.add_argument("--alignment-weight", type=float, default=d.alignment_weight,
-                   help="weight of an in-batch InfoNCE on each level's alignment score (with --level-cosine)")
+                   help="weight of an InfoNCE on each level's alignment score (with --level-cosine)")
+    g.add_argument("--alignment-chunk", type=int, default=d.alignment_chunk,
+                   help="captions per alignment InfoNCE group (each against its own captions' images)")
     g.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
     g.add_argument("--device", default=d.device)
     g.add_argument("--threads", type=int, default=d.threads, help="CPU threads (torch.set_num_threads)")

@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""The decisive ablation: every preset trained on all of Flickr8k train (6,000 images, 30,000
+captions) and evaluated on all of validation (1,000 images, 5,000 captions), seed by seed.
+
+    python benchmarks/ablation_full.py [--seeds 0 1 2] [--presets dual t2i i2t flat tshsr sgr saf] [--threads 1]
+
+Every preset uses the same recipe (RECIPE below, the one chosen in the streams study of
+docs/RESULTS.md) and the same frozen encoders. dual, t2i, i2t, flat and tshsr get 3 seeds; sgr
+and saf one (``--sgraf-seeds``). A run that is killed continues with ``--resume`` the next time
+the script starts; each finished run appends one JSON line to
+benchmarks/results/ablation_full.jsonl, and the "ablation_full" section of docs/RESULTS.md is
+rewritten from those lines after every run (``--summarize-only`` just rewrites it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from results_md import git_commit, machine, write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+STORE = ROOT / "benchmarks" / "results" / "ablation_full.jsonl"
+PRESETS = ["dual", "t2i", "i2t", "flat", "tshsr", "sgr", "saf"]
+BUDGET = ["--epochs", "4", "--lr-update", "3", "--batch-size", "128", "--embed-dim", "256", "--sim-dim", "128",
+          "--val-rerank-k", "20"]
+# The recipe every preset trains with (fusion flags only matter where a model has two streams / levels).
+RECIPE = ["--stream-fusion", "equal", "--level-fusion", "equal", "--aux-level-weight", "0.5"]
+
+
+def load_records(path: Path = STORE) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_one(preset: str, seed: int, data_dir: str, runs: Path, threads: int | None) -> dict:
+    out = runs / f"{preset}-s{seed}"
+    cmd = [sys.executable, "train.py", "--dataset", "flickr8k", "--data-dir", data_dir, "--split-val", "validation",
+           "--output-dir", str(out), "--preset", preset, "--seed", str(seed), "--no-progress", *BUDGET, *RECIPE]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    if (out / "checkpoint").exists() and not (out / "train_args.json").exists():
+        cmd.append("--resume")
+    start = time.time()
+    if not (out / "train_args.json").exists():  # a finished run (e.g. the streams study's) is only read
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    seconds = round(time.time() - start)
+    if (out / "wall_seconds.txt").exists():
+        seconds = int((out / "wall_seconds.txt").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = [json.loads(x)["validation"]["rsum"] for x in (out / "log.jsonl").read_text().splitlines()
+               if '"validation"' in x and json.loads(x).get("validation")]
+    return {"preset": preset, "seed": seed, "recipe": " ".join(RECIPE), "budget": " ".join(BUDGET),
+            "metrics": {k: metrics[k] for k in ("i2t", "t2i", "rsum", "protocol", "n_images", "n_captions")},
+            "rsum_by_epoch": history, "train_seconds": seconds, "threads": threads,
+            "commit": git_commit(), "command": " ".join(["python", *cmd[1:]])}
+
+
+def _cell(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.1f}" + (f" ± {(max(values) - min(values)) / 2:.1f}" if len(values) > 1 else "")
+
+
+def summarize(records: list[dict]) -> str:
+    recipe = " ".join(RECIPE)
+    mine = [r for r in records if r["recipe"] == recipe]
+    by = {(r["preset"], r["seed"]): r for r in mine}
+    lines = ["## Decisive ablation: full Flickr8k (6,000 training images, validation 1,000 images / 5,000 captions)",
+             "",
+             f"Written by `python benchmarks/ablation_full.py` from benchmarks/results/ablation_full.jsonl. Machine: "
+             f"{machine(threads=False)}. Budget `{' '.join(BUDGET)}`, recipe `{recipe}` for every preset, frozen "
+             "EfficientNet-Lite0 grid + all-MiniLM-L6-v2 tokens; the best epoch by validation RSUM is kept "
+             "(protocol: cosine shortlist + rerank top-20 for every model). Mean ± half the range over seeds.", "",
+             "| model | seeds | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM | RSUM per seed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for preset in PRESETS:
+        recs = sorted((r for r in mine if r["preset"] == preset), key=lambda r: r["seed"])
+        if not recs:
+            lines.append(f"| {preset} | 0 | not run yet | | | | | | | |")
+            continue
+        cells = [_cell([r["metrics"][d][k] for r in recs]) for d in ("i2t", "t2i") for k in ("r1", "r5", "r10")]
+        per_seed = ", ".join(f"s{r['seed']} {r['metrics']['rsum']:.1f}" for r in recs)
+        lines.append(f"| {preset} | {len(recs)} | " + " | ".join(cells)
+                     + f" | {_cell([r['metrics']['rsum'] for r in recs])} | {per_seed} |")
+
+    def paired(a: str, b: str) -> tuple[list[str], bool | None]:
+        seeds = sorted({s for (p, s) in by if p == a} & {s for (p, s) in by if p == b})
+        gaps = [by[a, s]["metrics"]["rsum"] - by[b, s]["metrics"]["rsum"] for s in seeds]
+        text = [f"seed {s}: {g:+.1f}" for s, g in zip(seeds, gaps)]
+        return text, (all(g > 0 for g in gaps) if len(seeds) >= 3 else None)
+
+    lines += ["", "Seed by seed, RSUM of tshsr minus the other model (a claim holds when tshsr wins on all 3 "
+              "paired seeds):"]
+    for other, claim in (("t2i", "two streams > text-to-image only"), ("i2t", "two streams > image-to-text only"),
+                         ("flat", "hierarchical > flat"), ("dual", "full model > dual encoder")):
+        text, held = paired("tshsr", other)
+        verdict = "not decided yet (fewer than 3 paired seeds)" if held is None else ("HELD" if held else "NOT held")
+        lines.append(f"- {claim}: {verdict}" + (f" — {', '.join(text)}" if text else ""))
+    other = [r for r in records if r["recipe"] != recipe]
+    if other:
+        lines += ["", f"{len(other)} older records with another recipe are kept in the JSONL file but not in this table."]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
+    p.add_argument("--runs", default=str(ROOT / "runs" / "ablation_full"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--sgraf-seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--presets", nargs="+", default=PRESETS, choices=PRESETS)
+    p.add_argument("--summarize-only", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (speed only)")
+    args = p.parse_args()
+    records = load_records()
+    recipe = " ".join(RECIPE)
+    if not args.summarize_only:
+        # Seed-major order: a complete paired comparison lands as early as possible.
+        for seed in args.seeds:
+            for preset in args.presets:
+                if preset in ("sgr", "saf") and seed not in args.sgraf_seeds:
+                    continue
+                if any(r["preset"] == preset and r["seed"] == seed and r["recipe"] == recipe for r in records):
+                    continue
+                record = run_one(preset, seed, args.data_dir, Path(args.runs), args.threads)
+                records.append(record)
+                STORE.parent.mkdir(parents=True, exist_ok=True)
+                with open(STORE, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                write_section("ablation_full", summarize(records))
+                print(f"finished {preset}-s{seed}: RSUM {record['metrics']['rsum']:.1f}", flush=True)
+    write_section("ablation_full", summarize(records))
+    print(summarize(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
