@@ -224,3 +224,50 @@ def test_crash_during_checkpoint_save_keeps_a_complete_checkpoint(tmp_path, monk
         assert all(torch.equal(weights[k], first[k]) for k in first)
         if found.name != "checkpoint":  # restore the layout for the next round
             real_replace(found, target)
+
+
+def _photo_folder(root: Path, n_train: int = 6) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = root / "train"
+    folder.mkdir(parents=True)
+    rows = []
+    for i in range(n_train):
+        pixels = rng.integers(0, 255, size=(30, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "captions": [f"photo {i}", f"picture number {i}"]}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.mark.slow
+def test_finetuned_image_batches_come_from_the_loader_and_resume_mid_epoch(tmp_path, monkeypatch):
+    """--finetune-image takes its photos from tshsr.pipeline's DataLoader: the weights equal those of
+    decoding the photos inline (the trainer before the loader), and a run stopped after step 2 of
+    3 and resumed (the loader starting at step 2) ends with the uninterrupted run's weights."""
+    from tshsr import pipeline
+    from tshsr_train import TrainArgs, loop, run as train
+
+    data = _photo_folder(tmp_path / "photos")  # 12 captions, batch 4: 3 steps in the epoch
+    common = dict(dataset="imagefolder", data_dir=str(data), val_split=None, finetune_image=True, batch_size=4,
+                  epochs=1, embed_dim=32, sim_dim=16, cache_dir=str(tmp_path / "cache"), progress=False, threads=1,
+                  checkpoint_every=1)
+    starts = []
+    real_set_epoch = pipeline.StepBatchSampler.set_epoch
+    monkeypatch.setattr(pipeline.StepBatchSampler, "set_epoch",
+                        lambda self, epoch, start_step=0: starts.append(start_step) or real_set_epoch(self, epoch, start_step))
+
+    train(TrainArgs(**common, output_dir=str(tmp_path / "loader"), max_steps=3))
+    train(TrainArgs(**common, output_dir=str(tmp_path / "resumed"), max_steps=2))
+    train(TrainArgs(**common, output_dir=str(tmp_path / "resumed"), max_steps=3, resume=True))
+    assert starts[-1] == 2  # the resumed epoch's loader skipped the two steps already trained
+    monkeypatch.setattr(loop.BatchSource, "use_loader", lambda self, args: None)
+    train(TrainArgs(**common, output_dir=str(tmp_path / "inline"), max_steps=3))
+
+    loader, resumed, inline = (load_file(str(tmp_path / name / "checkpoint" / "weights.safetensors"))
+                               for name in ("loader", "resumed", "inline"))
+    assert any(k.startswith("image_backbone.") for k in loader)  # the backbone was trained
+    for key in loader:
+        assert torch.equal(loader[key], inline[key]), key
+        torch.testing.assert_close(resumed[key], loader[key], rtol=1e-4, atol=1e-5, msg=key)
