@@ -156,7 +156,9 @@ def run_command(tokens: list[str], fx: Fixtures, monkeypatch) -> None:
         script = tokens.index("train.py")
         options = tokens[1:script]
         assert options[:1] == ["--nproc_per_node"] and len(options) == 2, options
-        argv = fx.train_argv(tokens[script + 1:])
+        # Two steps (one per epoch on the fixture): DDP finds a parameter left without a gradient
+        # only when the next step starts.
+        argv = [*fx.train_argv(tokens[script + 1:]), "--epochs", "2", "--max-steps", "2"]
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -165,6 +167,8 @@ def run_command(tokens: list[str], fx: Fixtures, monkeypatch) -> None:
         result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         _trained(_output_dir(argv))
+        steps = [json.loads(x).get("step") for x in (_output_dir(argv) / "log.jsonl").read_text().splitlines()]
+        assert 2 in steps
     elif tokens[:2] == ["bash", "scripts/gpu_check.sh"]:
         results = ROOT / "docs" / "RESULTS.md"
         before = results.read_text() if results.exists() else None

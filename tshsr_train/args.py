@@ -21,7 +21,7 @@ Examples:
   python train.py --dataset precomp --data-dir data/f30k_precomp --text-encoder bigru \\
       --embed-dim 1024 --sim-dim 256 --epochs 40 --lr-update 30
   # Several GPUs, one process each (DDP; CPU processes use gloo), --batch-size per process:
-  torchrun --nproc_per_node 4 train.py --dataset flickr30k --split-val val --output-dir runs/f30k-4gpu
+  torchrun --nproc_per_node 4 train.py --dataset flickr30k --split-val val --finetune-text --output-dir runs/f30k-4gpu
   # After a crash, continue exactly where the last checkpoint was written (the model's settings
   # come from the checkpoint; a model flag given with another value is refused):
   python train.py ... --resume

@@ -338,8 +338,12 @@ def _start(args: TrainArgs) -> _Run:
             print(f"Resumed from {checkpoint}: epoch {state['epoch']}, step {state['global_step']}", flush=True)
     ddp = None
     if world > 1:  # DDP starts every process from rank 0's weights (inits differ: seeds are per rank)
+        # A fine-tuned transformers text encoder carries layers the token features never reach
+        # (BERT's pooler); DDP must then look for parameters without gradients each step.
+        unused = model.config.finetune_text and model.config.text_encoder == "transformers"
         ddp = torch.nn.parallel.DistributedDataParallel(
-            GlobalBatchLoss(model), device_ids=[device.index] if device.type == "cuda" else None)
+            GlobalBatchLoss(model), device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=unused)
 
     precision = args.precision
     if precision == "auto":
