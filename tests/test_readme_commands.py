@@ -202,3 +202,17 @@ def test_an_unknown_flag_in_the_readme_fails(tmp_path, mirror, image_server) -> 
 def test_readme_training_command_runs_on_fixtures(tokens, tmp_path, mirror, image_server, monkeypatch) -> None:  # noqa: F811
     assert os.environ[hub_data.MIRROR_ENV] == str(mirror)
     run_command(tokens, Fixtures(tmp_path, mirror, image_server), monkeypatch)
+
+
+def test_evaluate_takes_the_same_hub_options(tmp_path, mirror, capsys) -> None:  # noqa: F811
+    """tshsr-evaluate reads a split with --hf-dataset / --columns as the trainer does."""
+    from tshsr_train import evaluate_cli
+
+    _write_flickr30k(mirror)
+    output = tmp_path / "metrics.json"
+    code = evaluate_cli.main(["--model", str(ROOT / "checkpoints" / "tshsr-flickr8k"), "--dataset", "imagefolder",
+                              "--hf-dataset", "nlphuji/flickr30k", "--columns", "split=split,image_id=filename",
+                              "--split", "test", "--output", str(output), "--no-progress", "--device", "cpu"])
+    assert code == 0
+    metrics = json.loads(output.read_text())
+    assert (metrics["n_images"], metrics["n_captions"]) == (2, 10)  # the fixture's two test photos
