@@ -136,8 +136,9 @@ def test_resume_takes_the_model_from_the_checkpoint_and_refuses_changes(data, tm
     assert "stream_fusion (checkpoint 'learned', --stream-fusion gives 'equal')" in refused.stderr
     assert "preset" not in refused.stderr.split("would change:")[1] and "sim_dim" not in refused.stderr
 
-    refused = run([*base, "--resume", "--max-steps", "3", "--preset", "tshsr"])
+    refused = run([*base, "--resume", "--max-steps", "3", "--preset", "tshsr", "--text-encoder", "transformers"])
     assert refused.returncode == 2 and "head (checkpoint 'dual', --preset gives 'tshsr')" in refused.stderr
+    assert "text_encoder (checkpoint 'bigru', --text-encoder gives 'transformers')" in refused.stderr
 
     resumed = run([*base, "--resume", "--max-steps", "3"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -37,3 +37,25 @@ def test_given_holds_only_the_flags_on_the_command_line() -> None:
     assert parse_args([]).given == []
     # Built in code (no command line): the fields off their defaults count as given.
     assert TrainArgs(embed_dim=64, preset="dual").given_fields() == {"embed_dim", "preset"}
+
+
+def test_resume_check_compares_fields_not_flags(tmp_path) -> None:
+    """The checkpoint's config against the one the given flags would build, field by field: a
+    value equal to the checkpoint's passes, fields filled in from a backbone are not compared."""
+    import json
+
+    import pytest
+
+    from tshsr import TSHSRConfig
+    from tshsr_train.loop import resumed_config
+
+    stored = TSHSRConfig.preset("flat", embed_dim=128, image_feature_dim=1280, image_size=224)
+    (tmp_path / "config.json").write_text(json.dumps(stored.to_dict()))
+    same = resumed_config(parse_args(["--preset", "flat", "--embed-dim", "128", "--image-feature-dim", "7"]),
+                          tmp_path, None)
+    assert same == stored  # image_feature_dim comes from the backbone here: the flag is not compared
+    with pytest.raises(ValueError, match=r"text_encoder \(checkpoint 'transformers', --text-encoder gives 'bigru'\)"):
+        resumed_config(parse_args(["--text-encoder", "bigru"]), tmp_path, None)
+    with pytest.raises(ValueError, match=r"levels \(checkpoint \('local', 'global'\), --preset gives") as err:
+        resumed_config(parse_args(["--preset", "tshsr", "--embed-dim", "128"]), tmp_path, None)
+    assert "embed_dim" not in str(err.value) and "--preset gives" in str(err.value)

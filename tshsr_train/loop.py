@@ -60,7 +60,8 @@ def build_config(args: TrainArgs, vocabulary: Vocabulary | None) -> TSHSRConfig:
     if args.dataset == "precomp":
         overrides.update(image_encoder="precomputed", image_feature_dim=args.image_feature_dim or 2048)
     if args.text_encoder == "bigru":
-        overrides.update(vocab_size=len(vocabulary))
+        # (no vocabulary: a resumed transformers run checked against --text-encoder bigru)
+        overrides.update(vocab_size=len(vocabulary) if vocabulary is not None else 1)
     return TSHSRConfig.preset(args.preset, **overrides)
 
 
