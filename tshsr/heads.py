@@ -100,7 +100,7 @@ def attended_cosine_grid(
     affinity = l2norm(F.leaky_relu(raw, 0.1) * qmask, dim=2)
     weights = masked_softmax(smooth * affinity, key_mask.view(Bk, 1, 1, nk), dim=3) * qmask  # [Bk, Bq, nq, nk]
     gram = torch.bmm(keys, keys.transpose(1, 2))  # [Bk, nk, nk]
-    squared = (torch.matmul(weights, gram.unsqueeze(1)) * weights).sum(-1)
+    squared = (torch.bmm(weights.reshape(Bk, Bq * nq, nk), gram).view(Bk, Bq, nq, nk) * weights).sum(-1)
     cos = (weights * raw).sum(-1) / (squared.clamp(min=1e-12).sqrt() + 1e-8)  # l2norm's eps
     valid = query_mask.view(1, Bq, nq).to(raw.dtype)
     score = (cos * valid).sum(-1) / valid.sum(-1).clamp(min=1)  # [Bk, Bq]
