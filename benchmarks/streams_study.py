@@ -20,7 +20,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from results_md import write_section
@@ -74,6 +73,17 @@ def _history(out: Path) -> list[float]:
     return [r["validation"]["rsum"] for r in rows if r.get("validation")]
 
 
+def on_disk() -> list[dict]:
+    """Every recipe run found under runs/streams (finished or still training), in RECIPES order."""
+    found = []
+    for name, (recipe, _) in RECIPES.items():
+        for out in sorted((ROOT / "runs" / "streams").glob(f"{name}-s*")):
+            if out.name.removeprefix(f"{name}-s").isdigit() and (out / "log.jsonl").exists():
+                found.append({"name": out.name, "recipe": recipe, "history": _history(out),
+                              "seconds": _wall_seconds(out) if (out / "train_args.json").exists() else None})
+    return found
+
+
 def summarize(records: list[dict], runs: list[dict]) -> str:
     diag = {(r["name"]): r for r in records if r["protocol"] == f"rerank-{PROTOCOL_K}"}
     lines = ["## Streams study: recipes tried to make every stream and level count", "",
@@ -82,14 +92,16 @@ def summarize(records: list[dict], runs: list[dict]) -> str:
              f"trainer's protocol (cosine top-20 reranked); the other columns use the cosine top-{PROTOCOL_K} "
              "shortlist for every ranker (see the streams section): the full model, its cosine alone, the "
              "weakest and strongest part alone, and what removing each stream or the context level costs "
-             "(negative = the full model is better with the part).", "",
+             "in RSUM (positive = the full model is better with the part). Runs still training show the epochs "
+             "so far.", "",
              "| run | recipe | val RSUM by epoch | full | cosine | parts alone (min–max) | −i2t | −t2i | −context | "
              "train s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         rec = diag.get(run["name"])
         history = ", ".join(f"{v:.1f}" for v in run.get("history", [])) or "—"
         if rec is None:
-            lines.append(f"| {run['name']} | {run['recipe']} | {history} | not diagnosed yet | | | | | | |")
+            note = "no parts (cosine only)" if run["name"].startswith("dual") else "not diagnosed yet"
+            lines.append(f"| {run['name']} | {run['recipe']} | {history} | {note} | | | | | | {run.get('seconds') or '—'} |")
             continue
         m = rec["metrics"]
         full = m["full"]["rsum"]
@@ -128,21 +140,17 @@ def main() -> int:
     for recipe_name in args.recipes:
         for seed in args.seeds:
             run_name = f"{recipe_name}-s{seed}"
-            out = ROOT / "runs" / "streams" / run_name
-            if args.summary_only and not (out / "train_args.json").exists():
-                runs.append({"name": run_name, "recipe": RECIPES[recipe_name][0]})
+            if args.summary_only:
                 continue
-            start = time.time()
-            out, seconds = train(recipe_name, seed, args.data_dir, args.threads)
-            runs.append({"name": run_name, "recipe": RECIPES[recipe_name][0], "history": _history(out),
-                         "seconds": seconds or round(time.time() - start)})
+            out, _ = train(recipe_name, seed, args.data_dir, args.threads)
             if recipe_name != "dual" and not any(r["name"] == run_name and r["protocol"] == f"rerank-{PROTOCOL_K}"
                                                  for r in records):
+                records = load_records()  # other study processes may have added theirs meanwhile
                 records = [r for r in records if r["name"] != run_name]
                 records.append(diagnose(run_name, out, args.data_dir, PROTOCOL_K, args.cache_dir))
                 STORE.write_text("".join(json.dumps(r) + "\n" for r in records))
-            write_section("streams_study", summarize(records, runs))
-    write_section("streams_study", summarize(records, runs))
+            write_section("streams_study", summarize(load_records(), runs + on_disk()))
+    write_section("streams_study", summarize(load_records(), runs + on_disk()))
     return 0
 
 
