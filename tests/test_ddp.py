@@ -70,8 +70,9 @@ def test_two_ranks_of_batch_b_train_as_one_process_of_batch_2b(data, tmp_path):
     gathered images are deduplicated and sorted as the single process has them, the contrastive
     loss, the mining of hard negatives (on the gathered global vectors) and the random negatives
     (one generator seed per step on every rank) therefore pick the same candidates, and the
-    cross-attention hinge scores the same pairs from the gathered units; gradients of local
-    encodings are scaled by the world size against DDP's mean (tshsr_train/distributed.py).
+    cross-attention hinge scores the same pairs from the gathered units, each rank a share of
+    them; gradients are scaled by the world size against DDP's mean where a rank holds only its
+    part of them (tshsr_train/distributed.py).
     ``--warmup-epochs 0`` puts the hardest-negative hinge in play from the first step. What is not
     bit-equal is float summation order (gradients summed across ranks, padded caption widths per
     rank) and Adam's normalisation, which turns such 1e-7 differences of a near-zero gradient into
@@ -97,10 +98,14 @@ def test_two_ranks_of_batch_b_train_as_one_process_of_batch_2b(data, tmp_path):
     baseline = max(float((expected[k] - other[k]).abs().max()) for k in expected)
     assert baseline > 20 * worst, (baseline, worst)  # the check can tell batch sizes apart
     # Gradients match too: the per-step losses logged by rank 0 are the global batch's loss.
-    def losses(out):
-        return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    def logged(out, key):
+        return [r[key] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
 
-    assert len(losses(ddp)) == 4 and losses(ddp) == pytest.approx(losses(single), abs=1e-4)
+    # Gradients match before Adam (which hides a constant factor): the averaged gradient's norm
+    # logged at every step is the big batch's. A hinge share without its x world scale or without
+    # the sum over ranks shifts it by ~2 % here.
+    assert len(logged(ddp, "loss")) == 4 and logged(ddp, "loss") == pytest.approx(logged(single, "loss"), abs=1e-4)
+    assert logged(ddp, "grad_norm") == pytest.approx(logged(single, "grad_norm"), rel=2e-4)
 
 
 def _children(pid: int) -> list[int]:

@@ -3,23 +3,28 @@
 Each rank encodes its own share of the batch; :class:`GlobalBatchLoss` gathers the encodings of
 every rank (units, masks, pooled and contrastive vectors: what the contrastive loss, the mining
 of candidates and the cross-attention hinge read), so every rank computes the loss of the whole
-global batch, as one process with ``world x`` the batch would. Only the local part keeps its
-graph (open_clip's ``gather_features`` with ``local_loss=False, gather_with_grad=False``).
+global batch, as one process with ``world x`` the batch would. The candidate pairs of the hinge
+(the costly part: cross-attention per pair) are split: rank r scores the r-th share and the
+scores are gathered.
 
-Why the gradients equal those of one process with the big batch, L being the global loss:
+Why the gradients equal those of one process with the big batch, L being the global loss and
+DDP taking the *mean* of the ranks' gradients:
 
-* a rank's encoder and backbone parameters reach L only through its local encodings, so their
-  gradient on rank r is the part ``dL/df_r df_r/dtheta``; summed over ranks that is dL/dtheta,
-  but DDP takes the *mean*, so the local encodings pass ``world x`` their gradient back
-  (:class:`_ScaleGrad`, identity forward);
-* parameters used directly by the loss (the temperature, the similarity head scoring every
-  candidate pair) get the full dL/dtheta on every rank; the mean of identical values is that.
+* the contrastive (and alignment) terms read the gathered encodings of which only the local part
+  keeps its graph (open_clip's ``gather_features`` with ``local_loss=False,
+  gather_with_grad=False``): a rank's encoders get the part ``dL/df_r df_r/dtheta`` of the
+  gradient, the sum over ranks is dL/dtheta, so the local encodings pass ``world x`` their
+  gradient back (:class:`_ScaleGrad`, identity forward); the temperature, used directly, gets
+  the full gradient on every rank, whose mean is itself;
+* the hinge reads every pair's score, of which only the rank's share keeps its graph, scaled by
+  ``world``: the head's parameters get ``world x`` the share's part, whose mean over ranks is
+  the whole. A share's pairs involve other ranks' encodings, so the pair scorer reads encodings
+  gathered *with* their graph (:class:`_SumGather`: backward sums the gradient over ranks and
+  returns the local rows): each encoding receives ``world x`` its whole hinge gradient.
 
 The images of the global batch are deduplicated and sorted by index, and the captions keep the
 trainer's order, so the matrices, the mined candidates and the random negatives (one generator
-seed per step, the same on every rank) are those of the single process. The cost: the hinge's
-pair scoring is repeated on every rank (as in one process with the big batch); the backbones and
-per-side encoders, the bulk of a fine-tuning step, are split.
+seed per step, the same on every rank) are those of the single process.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import os
 from dataclasses import fields
 from datetime import timedelta
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -73,11 +79,29 @@ def _pad_to(tensor: torch.Tensor, rows: int, dims: dict[int, int]) -> torch.Tens
     return F.pad(tensor, pad) if any(pad) else tensor
 
 
+class _SumGather(torch.autograd.Function):
+    """All ranks' rows concatenated, differentiable everywhere: backward sums the gradient over
+    the ranks and returns the local rows' part (a reduce-scatter through all_reduce, which every
+    backend has)."""
+
+    @staticmethod
+    def forward(ctx, local, buffers, rows, offset):
+        ctx.offset, ctx.n = offset, local.shape[0]
+        return torch.cat([b[:n] for b, n in zip(buffers, rows)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.offset:ctx.offset + ctx.n], None, None, None
+
+
 def gather_rows(tensor: torch.Tensor, world: int, rank: int, width_axes: tuple[int, ...] = (),
-                local_grad_scale: float | None = None) -> torch.Tensor:
+                local_grad_scale: float | None = None, summed: bool = False) -> torch.Tensor:
     """All ranks' ``tensor`` concatenated on axis 0 (rows may differ per rank; ``width_axes`` are
     padded with zeros to the widest rank). The local rows keep their graph, scaled in backward by
-    ``local_grad_scale``; the others are plain values."""
+    ``local_grad_scale``; the others are plain values. ``summed``: every row keeps its graph
+    across ranks instead (:class:`_SumGather`)."""
     sizes = torch.tensor([tensor.shape[0], *[tensor.shape[a] for a in width_axes]], device=tensor.device)
     all_sizes = [torch.empty_like(sizes) for _ in range(world)]
     dist.all_gather(all_sizes, sizes)
@@ -87,9 +111,13 @@ def gather_rows(tensor: torch.Tensor, world: int, rank: int, width_axes: tuple[i
     local = _pad_to(tensor, tensor.shape[0], widths)
     buffers = [torch.empty((rows, *local.shape[1:]), dtype=local.dtype, device=local.device) for _ in range(world)]
     dist.all_gather(buffers, _pad_to(local.detach(), rows, widths).contiguous())
+    rows_of = [int(n) for n in all_sizes[:, 0]]
+    if summed and local.requires_grad:
+        buffers[rank] = _pad_to(local, rows, widths)  # the local rows with their graph
+        return _SumGather.apply(local, buffers, rows_of, sum(rows_of[:rank]))
     if local_grad_scale is not None and local.requires_grad:
         local = _ScaleGrad.apply(local, local_grad_scale)
-    parts = [local if r == rank else buffers[r][:int(all_sizes[r, 0])] for r in range(world)]
+    parts = [local if r == rank else buffers[r][:rows_of[r]] for r in range(world)]
     return torch.cat(parts)
 
 
@@ -97,17 +125,48 @@ def gather_rows(tensor: torch.Tensor, world: int, rank: int, width_axes: tuple[i
 _UNIT_AXES = {"units": (1,), "mask": (1,), "membership": (2,)}
 
 
-def gather_encoding(encoding, world: int, rank: int):
+def gather_encoding(encoding, world: int, rank: int, summed: bool = False):
     values = {}
     for f in fields(encoding):
         value = getattr(encoding, f.name)
         if value is not None:
             is_mask = value.dtype == torch.bool
             value = gather_rows(value.to(torch.uint8) if is_mask else value, world, rank, _UNIT_AXES.get(f.name, ()),
-                                local_grad_scale=float(world))
+                                local_grad_scale=float(world), summed=summed)
             value = value.bool() if is_mask else value
         values[f.name] = value
     return type(encoding)(**values)
+
+
+class _ShardedPairs:
+    """``score_pairs`` over the global batch with the pairs split between the ranks: rank r scores
+    the r-th contiguous share from encodings gathered with their graph; the scores, stream and
+    level scores of all shares are gathered, the local share's graph scaled by ``world``."""
+
+    def __init__(self, model, images, texts, world: int, rank: int):
+        self.model, self.images, self.texts, self.world, self.rank = model, images, texts, world, rank
+
+    def __call__(self, images, texts, image_index, text_index, return_attention: bool = False):
+        n = len(image_index)
+        start, end = n * self.rank // self.world, n * (self.rank + 1) // self.world
+        out = self.model.score_pairs(self.images, self.texts, image_index[start:end], text_index[start:end])
+
+        def gather(values):
+            return gather_rows(values, self.world, self.rank, local_grad_scale=float(self.world))
+
+        return SimpleNamespace(scores=gather(out.scores),
+                               stream_scores={k: gather(v) for k, v in out.stream_scores.items()},
+                               level_scores={k: gather(v) for k, v in out.level_scores.items()})
+
+
+class _ModelWithPairScorer:
+    """The model as the loss sees it, with ``score_pairs`` replaced (everything else delegated)."""
+
+    def __init__(self, model, score_pairs):
+        self._model, self.score_pairs = model, score_pairs
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
 
 
 class GlobalBatchLoss(nn.Module):
@@ -122,8 +181,10 @@ class GlobalBatchLoss(nn.Module):
                 settings, hardest: bool, generator: torch.Generator):
         rank, world = dist_info()
         model = self.model
-        images = gather_encoding(model.encode_image_features(image_features, image_mask), world, rank)
-        texts = gather_encoding(model.encode_text_features(text_features, text_mask), world, rank)
+        local_images = model.encode_image_features(image_features, image_mask)
+        local_texts = model.encode_text_features(text_features, text_mask)
+        images = gather_encoding(local_images, world, rank)
+        texts = gather_encoding(local_texts, world, rank)
         image_index = gather_rows(image_index.to(image_mask.device), world, rank)
         caption_image = gather_rows(caption_image.to(image_mask.device), world, rank)
         # An image in two ranks' shares is one image of the global batch: keep its first copy
@@ -134,4 +195,7 @@ class GlobalBatchLoss(nn.Module):
         first = first.scatter_reduce(0, inverse, order, reduce="amin")
         images = images[first]
         positive = unique.unsqueeze(1) == caption_image.unsqueeze(0)
-        return matching_loss(model, images, texts, positive, settings, hardest, generator)
+        pairs = _ShardedPairs(model, gather_encoding(local_images, world, rank, summed=True)[first],
+                              gather_encoding(local_texts, world, rank, summed=True), world, rank)
+        return matching_loss(_ModelWithPairScorer(model, pairs), images, texts, positive, settings, hardest,
+                             generator)
