@@ -3,7 +3,8 @@
 # one GPU (benchmarks/gpu_check.py), then a short DistributedDataParallel training through
 # train.py on every visible GPU (torchrun, nccl) on tiny synthetic precomputed features.
 # Prints JSON lines and, with --write-results, records the one-GPU numbers in docs/RESULTS.md.
-# With --small (a CPU dry run) the DDP part runs 2 CPU processes with gloo.
+# With --small (a CPU dry run) the DDP part runs 2 CPU processes with gloo. On a one-GPU machine it
+# is one process under torchrun (NCCL takes one process per GPU): train.py on CUDA with bf16.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
