@@ -29,8 +29,11 @@ STORE = ROOT / "benchmarks" / "results" / "ablation_full.jsonl"
 PRESETS = ["dual", "t2i", "i2t", "flat", "tshsr", "sgr", "saf"]
 BUDGET = ["--epochs", "4", "--lr-update", "3", "--batch-size", "128", "--embed-dim", "256", "--sim-dim", "128",
           "--val-rerank-k", "20"]
-# The recipe every preset trains with (fusion flags only matter where a model has two streams / levels).
-RECIPE = ["--stream-fusion", "equal", "--level-fusion", "equal", "--aux-level-weight", "0.5"]
+# The recipe of the streams study (benchmarks/streams_study.py, "fixed-aux-align-nce"), for every preset with
+# TSHSR streams and levels; dual, sgr and saf have no levels to fuse or align and train with the budget alone.
+RECIPE = ["--stream-fusion", "equal", "--level-fusion", "equal", "--aux-level-weight", "0.5", "--level-cosine",
+          "--alignment-weight", "1.0", "--alignment-chunk", "16"]
+NO_LEVELS = ("dual", "sgr", "saf")
 
 
 def load_records(path: Path = STORE) -> list[dict]:
@@ -42,7 +45,8 @@ def load_records(path: Path = STORE) -> list[dict]:
 def run_one(preset: str, seed: int, data_dir: str, runs: Path, threads: int | None) -> dict:
     out = runs / f"{preset}-s{seed}"
     cmd = [sys.executable, "train.py", "--dataset", "flickr8k", "--data-dir", data_dir, "--split-val", "validation",
-           "--output-dir", str(out), "--preset", preset, "--seed", str(seed), "--no-progress", *BUDGET, *RECIPE]
+           "--output-dir", str(out), "--preset", preset, "--seed", str(seed), "--no-progress", *BUDGET,
+           *([] if preset in NO_LEVELS else RECIPE)]
     if threads:
         cmd += ["--threads", str(threads)]
     if (out / "checkpoint").exists() and not (out / "train_args.json").exists():
@@ -74,7 +78,8 @@ def summarize(records: list[dict]) -> str:
     lines = ["## Decisive ablation: full Flickr8k (6,000 training images, validation 1,000 images / 5,000 captions)",
              "",
              f"Written by `python benchmarks/ablation_full.py` from benchmarks/results/ablation_full.jsonl. Machine: "
-             f"{machine(threads=False)}. Budget `{' '.join(BUDGET)}`, recipe `{recipe}` for every preset, frozen "
+             f"{machine(threads=False)}. Budget `{' '.join(BUDGET)}`, recipe `{recipe}` for every preset with TSHSR "
+             "levels (dual, sgr and saf: the budget alone), frozen "
              "EfficientNet-Lite0 grid + all-MiniLM-L6-v2 tokens; the best epoch by validation RSUM is kept "
              "(protocol: cosine shortlist + rerank top-20 for every model). Mean ± half the range over seeds.", "",
              "| model | seeds | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM | RSUM per seed |",
