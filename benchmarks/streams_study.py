@@ -38,6 +38,13 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "fixed-aux-align-nce": ("fixed-aux-align + an InfoNCE on every alignment score (groups of 16 captions)",
                             ["--preset", "tshsr", *FIXED, "--aux-level-weight", "0.5", "--level-cosine",
                              "--alignment-weight", "1.0", "--alignment-chunk", "16"]),
+    "fixed-aux-align-nce-mined": ("fixed-aux-align-nce + negatives picked by the full model among the cosine's 8 nearest",
+                                  ["--preset", "tshsr", *FIXED, "--aux-level-weight", "0.5", "--level-cosine",
+                                   "--alignment-weight", "1.0", "--alignment-chunk", "16", "--mine-pool", "8"]),
+    "fixed-aux-align-joint": ("fixed-aux-align-nce + an InfoNCE on the mean of the cosine and all four alignment "
+                              "scores (the parts trained as one ranker)",
+                              ["--preset", "tshsr", *FIXED, "--aux-level-weight", "0.5", "--level-cosine",
+                               "--alignment-weight", "1.0", "--alignment-chunk", "16", "--alignment-joint", "1.0"]),
     "learned-aux": ("round-1 learned weights (x50 rate) + the per-part hinge (is fixing the weights needed?)",
                     ["--preset", "tshsr", "--aux-level-weight", "0.5"]),
     "dual": ("dual encoder at the same budget (the baseline the full model must beat by 20 RSUM)",

@@ -178,3 +178,23 @@ def test_alignment_loss_trains_the_unit_projections(make_model, regions, caption
     model.zero_grad()
     out.parts["alignment"].backward()
     assert model.image_proj.weight.grad.abs().sum() > 0 and model.text_proj.weight.grad.abs().sum() > 0
+
+
+def test_joint_alignment_loss_is_the_infonce_of_the_mean_score(make_model, regions, captions) -> None:
+    from tshsr.encoding import head_inputs
+    from tshsr.loss import alignment_loss
+    from tshsr.losses import contrastive_loss
+
+    model = make_model("tshsr", level_cosine=True).train()
+    positive = torch.eye(4, dtype=torch.bool)
+    images = model.encode_image_features(*model.image_features(regions[:4]))
+    texts = model.encode_text_features(*model.text_features(captions[:4]))
+    similarity = model.global_similarity(images, texts)
+    scale = torch.tensor(10.0)
+    out = alignment_loss(model, images, texts, positive, scale, chunk=4, similarity=similarity)
+    aligned = model.head_kind.alignment_scores(model, head_inputs(images, torch.arange(4)),
+                                               head_inputs(texts, torch.arange(4)))
+    assert len(aligned) == 4  # i2t and t2i, local and context
+    mean = (similarity + sum(aligned.values())) / 5
+    torch.testing.assert_close(out["alignment_joint"], contrastive_loss(mean, positive, scale))
+    assert "alignment_joint" not in alignment_loss(model, images, texts, positive, scale, chunk=4)

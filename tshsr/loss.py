@@ -28,6 +28,7 @@ class LossSettings:
     contrastive_weight: float = 1.0
     alignment_weight: float = 0.0  # InfoNCE on each level's alignment score, within groups of captions
     alignment_chunk: int = 32  # captions per InfoNCE group (every pair of a group is aligned: cost ~ chunk x batch)
+    alignment_joint: float = 0.0  # InfoNCE on the mean of the cosine and all alignment scores: parts trained together
 
     @classmethod
     def from_args(cls, args) -> "LossSettings":
@@ -51,11 +52,12 @@ def matching_loss(model, images, texts, positive: torch.Tensor, settings: LossSe
     scale = model.logit_scale.exp().clamp(max=100.0)
     parts = {"contrastive": contrastive_loss(similarity, positive, scale)}
     loss = settings.contrastive_weight * parts["contrastive"]
-    if settings.alignment_weight > 0:
-        alignment = alignment_loss(model, images, texts, positive, scale, settings.alignment_chunk)
-        if alignment is not None:
-            parts["alignment"] = alignment
-            loss = loss + settings.alignment_weight * alignment
+    if settings.alignment_weight > 0 or settings.alignment_joint > 0:
+        weights = {"alignment": settings.alignment_weight, "alignment_joint": settings.alignment_joint}
+        for name, value in alignment_loss(model, images, texts, positive, scale, settings.alignment_chunk,
+                                          similarity if settings.alignment_joint > 0 else None).items():
+            parts[name] = value
+            loss = loss + weights[name] * value
     if model.head_kind.cross_attention:
         candidate = mine(model, images, texts, similarity, positive, settings, generator)
         pi, pt = candidate.nonzero(as_tuple=True)
@@ -77,19 +79,30 @@ def matching_loss(model, images, texts, positive: torch.Tensor, settings: LossSe
     return MatchingLoss(loss, parts)
 
 
-def alignment_loss(model, images, texts, positive: torch.Tensor, scale: torch.Tensor,
-                   chunk: int) -> torch.Tensor | None:
-    """Mean InfoNCE of every level's alignment score, over groups of ``chunk`` captions, each group
-    against the images of its own captions (every pair of a group aligned: a whole batch of 128
-    would cost ~16K pair alignments a step). None for heads without alignment scores."""
-    losses = []
+def alignment_loss(model, images, texts, positive: torch.Tensor, scale: torch.Tensor, chunk: int,
+                   similarity: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """InfoNCE on the alignment scores, over groups of ``chunk`` captions, each group against the
+    images of its own captions (every pair of a group aligned: a whole batch of 128 would cost
+    ~16K pair alignments a step). ``alignment``: the mean over every level's score alone.
+    ``alignment_joint`` (when the global ``similarity`` is given): on the mean of the cosine and
+    every alignment score, so that the parts are also trained as one ranker, each correcting the
+    others rather than each repeating the cosine. {} for heads without alignment scores."""
+    alone, joint = [], []
     for start in range(0, positive.shape[1], chunk):
         cols = torch.arange(start, min(start + chunk, positive.shape[1]), device=positive.device)
         rows = positive[:, cols].any(1).nonzero(as_tuple=True)[0]
         group = positive[rows][:, cols]
         aligned = model.head_kind.alignment_scores(model, head_inputs(images, rows), head_inputs(texts, cols))
-        losses += [contrastive_loss(v, group, scale) for v in aligned.values()]
-    return torch.stack(losses).mean() if losses else None
+        if not aligned:
+            return {}
+        alone += [contrastive_loss(v, group, scale) for v in aligned.values()]
+        if similarity is not None:
+            mean = (similarity[rows][:, cols] + sum(aligned.values())) / (len(aligned) + 1)
+            joint.append(contrastive_loss(mean, group, scale))
+    out = {"alignment": torch.stack(alone).mean()} if alone else {}
+    if joint:
+        out["alignment_joint"] = torch.stack(joint).mean()
+    return out
 
 
 def mine(model, images, texts, similarity: torch.Tensor, positive: torch.Tensor, settings: LossSettings,

@@ -64,6 +64,7 @@ class TrainArgs:
     level_fusion: str = "learned"
     level_cosine: bool = False  # local/context levels also carry SCAN's alignment (attended cosine)
     alignment_weight: float = 0.0  # InfoNCE on each level's alignment score, within groups of captions
+    alignment_joint: float = 0.0  # InfoNCE on the mean of the cosine and every alignment score
     alignment_chunk: int = 32
     contrastive_weight: float = 1.0
     finetune_text: bool = False
@@ -131,6 +132,9 @@ def _add_optimisation_flags(p: argparse.ArgumentParser, d: TrainArgs) -> None:
     g.add_argument("--contrastive-weight", type=float, default=d.contrastive_weight)
     g.add_argument("--alignment-weight", type=float, default=d.alignment_weight,
                    help="weight of an InfoNCE on each level's alignment score (with --level-cosine)")
+    g.add_argument("--alignment-joint", type=float, default=d.alignment_joint,
+                   help="weight of an InfoNCE on the mean of the cosine and every alignment score (the parts "
+                        "trained as one ranker; with --level-cosine)")
     g.add_argument("--alignment-chunk", type=int, default=d.alignment_chunk,
                    help="captions per alignment InfoNCE group (each against its own captions' images)")
     g.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
