@@ -91,8 +91,14 @@ def part_metrics(model, images, texts, caption_image, rerank_k: int | None = Non
             return {name: retrieval_metrics(m.float().cpu().numpy(), caption_image) for name, m in ranked.items()}
         sim = model.global_similarity(images, texts).double().cpu().numpy()
         i2t_rows, i2t_cols, t2i_rows, t2i_cols = shortlist_pairs(sim, rerank_k)
-        i2t_values = _pairs_output(model, images, texts, i2t_rows, i2t_cols)
-        t2i_values = _pairs_output(model, images, texts, t2i_rows, t2i_cols)
+        # The two shortlists share most pairs (an image's top captions often rank it top too):
+        # each pair is scored once.
+        n_texts = sim.shape[1]
+        keys = np.concatenate([i2t_rows * n_texts + i2t_cols, t2i_rows * n_texts + t2i_cols]).astype(np.int64)
+        unique, inverse = np.unique(keys, return_inverse=True)
+        values = _pairs_output(model, images, texts, unique // n_texts, unique % n_texts)
+        i2t_values = {name: v[inverse[:len(i2t_rows)]] for name, v in values.items()}
+        t2i_values = {name: v[inverse[len(i2t_rows):]] for name, v in values.items()}
     results = {}
     for name in i2t_values:
         floor = min(i2t_values[name].min(), t2i_values[name].min()) - 1.0
