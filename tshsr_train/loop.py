@@ -6,7 +6,8 @@ Layout of an output folder::
 
     OUT/config.json, model.safetensors, README.md   the best model so far (loadable any time)
     OUT/checkpoint/                                 last training state, for --resume
-    OUT/log.jsonl                                   one JSON line per logged step and epoch
+    OUT/log.jsonl                                   one JSON line per logged step and epoch (and
+                                                    the setup's seconds, features cached included)
 """
 
 from __future__ import annotations
@@ -298,6 +299,7 @@ def _start(args: TrainArgs) -> _Run:
     """Device, process group, data, model, optimizer, and the state of a resumed run."""
     from tshsr.data import load_split_from_args
 
+    started = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)
@@ -330,6 +332,8 @@ def _start(args: TrainArgs) -> _Run:
     train_source = BatchSource(model, train_split, args.cache_dir, progress)
     train_source.use_loader(args)
     val_source = BatchSource(model, val_split, args.cache_dir, progress) if val_split else None
+    if rank == 0:  # data, model and backbone features (cached on a first run): what precedes step 1
+        _log(out / "log.jsonl", {"setup_seconds": round(time.time() - started, 1), "time": time.time()})
 
     optimizer = torch.optim.Adam(_param_groups(model, args), lr=args.lr)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_rsum": -1.0, "history": []}

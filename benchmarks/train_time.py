@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Time the default model's training from scratch, backbone feature caching included.
+
+    python benchmarks/train_time.py [--data-dir ../shared/data/flickr8k] [--threads 2]
+
+Trains the default recipe (benchmarks/flickr8k_default.py: DEFAULT_RECIPE at the streams study's
+budget, seed 0) into runs/train_time/ with an empty feature cache, so the clock covers what a
+fresh machine does: loading the data, caching the frozen EfficientNet-Lite0 grid and MiniLM token
+features of the 6,000 training and 1,000 validation photos, the 4 epochs, and validating after
+each. Writes the "train_time" section of docs/RESULTS.md (target: 60 min on 2 CPU cores).
+
+A timing is only meaningful on an otherwise idle machine: the script refuses to start while
+another train.py runs (``--allow-busy`` overrides, and the section then says so), and it always
+starts from scratch (an interrupted timing cannot be resumed into an honest number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+from flickr8k_default import COMMON, DEFAULT_RECIPE, RUNS  # noqa: E402
+from results_md import git_commit, machine, write_section  # noqa: E402
+
+TARGET_MIN = 60
+
+
+def other_trainers() -> list[str]:
+    """Command lines of other running train.py processes (they would share the cores)."""
+    found = subprocess.run(["pgrep", "-af", "train.py"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in found if str(os.getpid()) != line.split()[0] and "train_time.py" not in line]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "runs" / "train_time"))
+    p.add_argument("--allow-busy", action="store_true", help="time even while other training runs share the cores")
+    args = p.parse_args()
+    busy = other_trainers()
+    if busy and not args.allow_busy:
+        print("other training runs share the cores; the timing would not mean anything:\n  " + "\n  ".join(busy),
+              file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    cache = out / "cache"
+    model_dir = out / "model"
+    cmd = [sys.executable, "train.py", "--data-dir", args.data_dir, "--output-dir", str(model_dir), "--cache-dir",
+           str(cache), "--threads", str(args.threads), *COMMON, *RUNS["tshsr"]]
+    load_before = os.getloadavg()[0]
+    start = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    total = time.time() - start
+    records = [json.loads(x) for x in (model_dir / "log.jsonl").read_text().splitlines()]
+    setup = next(r["setup_seconds"] for r in records if "setup_seconds" in r)
+    best = json.loads((model_dir / "metrics.json").read_text())["rsum"]
+    verdict = "met" if total <= TARGET_MIN * 60 else "not met"
+    body = [
+        "## Training time from scratch (default recipe, feature caching included)",
+        "",
+        f"Machine: {machine(threads=False)}, `--threads {args.threads}`. Commit {git_commit()}. "
+        "Written by `python benchmarks/train_time.py`.",
+        f"Recipe `{DEFAULT_RECIPE}`, seed 0, empty feature cache at the start; load average "
+        f"{load_before:.2f} at the start" + (f"; **{len(busy)} other training runs shared the cores**" if busy
+                                             else ", no other training run") + ".",
+        "",
+        "| phase | seconds | minutes |",
+        "|---|---|---|",
+        f"| setup: data, model, caching the backbone features of 7,000 photos and 35,000 captions | {setup:.0f} | "
+        f"{setup / 60:.1f} |",
+        f"| training: 4 epochs + validation after each | {total - setup:.0f} | {(total - setup) / 60:.1f} |",
+        f"| **total** | **{total:.0f}** | **{total / 60:.1f}** |",
+        "",
+        f"Best validation RSUM reached (cosine top-20 reranked): {best:.1f}. Target: at most {TARGET_MIN} min on "
+        f"2 CPU cores: **{verdict}**.",
+        "",
+        "Command: `" + " ".join(["python", *cmd[1:]]) + "`",
+    ]
+    write_section("train_time", "\n".join(body))
+    print("\n".join(body))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
