@@ -4,6 +4,9 @@ captions) and evaluated on all of validation (1,000 images, 5,000 captions), see
 
     python benchmarks/ablation_full.py [--seeds 0 1 2] [--presets dual t2i i2t flat tshsr sgr saf] [--threads 1]
 
+Two instances may run at once on different presets (one core each): each appends its own lines
+and rewrites the table from the file.
+
 Every preset uses the same recipe (RECIPE below, the one chosen in the streams study of
 docs/RESULTS.md) and the same frozen encoders. dual, t2i, i2t, flat and tshsr get 3 seeds; sgr
 and saf one (``--sgraf-seeds``). A run that is killed continues with ``--resume`` the next time
@@ -134,10 +137,10 @@ def main() -> int:
                 if any(r["preset"] == preset and r["seed"] == seed and r["recipe"] == recipe for r in records):
                     continue
                 record = run_one(preset, seed, args.data_dir, Path(args.runs), args.threads)
-                records.append(record)
                 STORE.parent.mkdir(parents=True, exist_ok=True)
                 with open(STORE, "a") as fh:
                     fh.write(json.dumps(record) + "\n")
+                records = load_records()  # with the records of another instance running other presets
                 write_section("ablation_full", summarize(records))
                 print(f"finished {preset}-s{seed}: RSUM {record['metrics']['rsum']:.1f}", flush=True)
     write_section("ablation_full", summarize(records))
