@@ -41,7 +41,7 @@ def diagnose(name: str, model_dir: Path, data_dir: str, rerank_k: int | None, ca
     import torch
 
     from tshsr import TSHSRModel
-    from tshsr.analysis import part_metrics
+    from tshsr.analysis import part_metrics, shortlisted_values, stream_agreement
     from tshsr.data import load_split
     from tshsr_train.loop import BatchSource, encode_source
 
@@ -56,9 +56,12 @@ def diagnose(name: str, model_dir: Path, data_dir: str, rerank_k: int | None, ca
         compile = resolve_compile("auto", model, len(images) * len(texts), images.device)
         metrics = part_metrics(model, images, texts, split.caption_image,
                                score_all=lambda: model.score_encoded(images, texts, progress=True, compile=compile))
+        agreement = {}
     else:
-        metrics = part_metrics(model, images, texts, split.caption_image, rerank_k=rerank_k)
-    return {"name": name, "model": str(model_dir), "weights": _digest(model_dir),
+        shortlisted = shortlisted_values(model, images, texts, rerank_k)
+        metrics = part_metrics(model, images, texts, split.caption_image, rerank_k=rerank_k, shortlisted=shortlisted)
+        agreement = stream_agreement(shortlisted, split.caption_image)
+    return {"name": name, "model": str(model_dir), "weights": _digest(model_dir), "agreement": agreement,
             "protocol": "exhaustive" if rerank_k is None else f"rerank-{rerank_k}",
             "mixing_weights": {k: round(v, 4) for k, v in model.mixing_weights().items()},
             "metrics": {k: {"i2t": m["i2t"], "t2i": m["t2i"], "rsum": m["rsum"]} for k, m in metrics.items()},
@@ -91,6 +94,14 @@ def summarize(records: list[dict]) -> str:
             label = key if key in ("full", "cosine") or key.startswith("without") else f"{key} alone"
             lines.append(_row(label, m, None if key == "full" else full))
         lines.append("")
+        for direction, a in rec.get("agreement", {}).items():
+            queries = "photo" if direction == "i2t" else "caption"
+            lines.append(f"- {direction}, the two streams alone: same first candidate for {100 * a['same_top1']:.0f} % "
+                         f"of the {queries} queries, mean rank correlation {a['spearman']:.2f} over the shortlist; "
+                         f"first candidate right for both {100 * a['both']:.1f} %, only i2t {100 * a['only_i2t']:.1f} "
+                         f"%, only t2i {100 * a['only_t2i']:.1f} %, neither {100 * a['neither']:.1f} %.")
+        if rec.get("agreement"):
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -114,7 +125,7 @@ def main() -> None:
         name, _, directory = spec.partition("=")
         model_dir = Path(directory or name)
         done = any(r["name"] == name and r["protocol"] == protocol and r["weights"] == _digest(model_dir)
-                   for r in records)
+                   and ("agreement" in r or rerank_k is None) for r in records)  # older: no stream agreement
         if done:
             print(f"{name}: already recorded ({protocol})")
             continue

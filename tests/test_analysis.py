@@ -198,3 +198,22 @@ def test_joint_alignment_loss_is_the_infonce_of_the_mean_score(make_model, regio
     mean = (similarity + sum(aligned.values())) / 5
     torch.testing.assert_close(out["alignment_joint"], contrastive_loss(mean, positive, scale))
     assert "alignment_joint" not in alignment_loss(model, images, texts, positive, scale, chunk=4)
+
+
+def test_stream_agreement_matches_each_streams_recall(make_model, regions, captions) -> None:
+    from tshsr.analysis import shortlisted_values, stream_agreement
+
+    model = make_model("tshsr")
+    images, texts = _encode(model, regions[:3], captions[:6])
+    caption_image = np.array([0, 0, 1, 1, 2, 2])
+    shortlisted = shortlisted_values(model, images, texts, rerank_k=2)  # a real shortlist: 2 of 6, 2 of 3
+    metrics = part_metrics(model, images, texts, caption_image, rerank_k=2, shortlisted=shortlisted)
+    assert metrics == part_metrics(model, images, texts, caption_image, rerank_k=2)
+    agreement = stream_agreement(shortlisted, caption_image)
+    for direction in ("i2t", "t2i"):
+        a = agreement[direction]
+        assert a["both"] + a["only_i2t"] + a["only_t2i"] + a["neither"] == pytest.approx(1.0)
+        assert 100 * (a["both"] + a["only_i2t"]) == pytest.approx(metrics["i2t stream"][direction]["r1"])
+        assert 100 * (a["both"] + a["only_t2i"]) == pytest.approx(metrics["t2i stream"][direction]["r1"])
+    itself = stream_agreement(shortlisted, caption_image, streams=("i2t", "i2t"))
+    assert itself["i2t"]["same_top1"] == 1.0 and itself["t2i"]["spearman"] == pytest.approx(1.0)

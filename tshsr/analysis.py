@@ -16,6 +16,7 @@ cosine order below it, as :func:`tshsr.evaluate.two_stage_matrices` does for the
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -75,37 +76,94 @@ def shortlist_pairs(similarity: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     return i2t_rows, i2t_cols, t2i_rows, t2i_cols
 
 
+@dataclass
+class Shortlisted:
+    """Every ranker's values on the cosine top-K shortlists of both directions (one scoring pass).
+
+    ``i2t[name]`` is [n_images, k]: image i's k nearest captions, at columns ``i2t_cols``;
+    ``t2i[name]`` is [n_texts, k]: caption t's k nearest images, at rows ``t2i_rows``.
+    """
+
+    similarity: np.ndarray
+    i2t_cols: np.ndarray
+    t2i_rows: np.ndarray
+    i2t: dict[str, np.ndarray]
+    t2i: dict[str, np.ndarray]
+
+
+def shortlisted_values(model, images, texts, rerank_k: int) -> Shortlisted:
+    """Score the union of both shortlists once (they share most pairs: an image's top captions
+    often rank it top too) and lay each ranker's values out per query."""
+    with torch.no_grad():
+        sim = model.global_similarity(images, texts).double().cpu().numpy()
+        i2t_rows, i2t_cols, t2i_rows, t2i_cols = shortlist_pairs(sim, rerank_k)
+        n_images, n_texts = sim.shape
+        keys = np.concatenate([i2t_rows * n_texts + i2t_cols, t2i_rows * n_texts + t2i_cols]).astype(np.int64)
+        unique, inverse = np.unique(keys, return_inverse=True)
+        values = _pairs_output(model, images, texts, unique // n_texts, unique % n_texts)
+    n_i2t = len(i2t_rows)
+    return Shortlisted(
+        similarity=sim, i2t_cols=i2t_cols.reshape(n_images, -1), t2i_rows=t2i_rows.reshape(-1, n_texts).T,
+        i2t={name: v[inverse[:n_i2t]].reshape(n_images, -1) for name, v in values.items()},
+        t2i={name: v[inverse[n_i2t:]].reshape(-1, n_texts).T for name, v in values.items()})
+
+
 def part_metrics(model, images, texts, caption_image, rerank_k: int | None = None,
-                 score_all: Callable | None = None) -> dict[str, dict]:
+                 score_all: Callable | None = None, shortlisted: Shortlisted | None = None) -> dict[str, dict]:
     """Retrieval metrics (R@1/5/10 both ways, RSUM) of every ranker of :func:`rankers`.
 
     ``rerank_k=None`` scores every pair (``model.score_encoded`` in blocks, or ``score_all``
     returning a ``TSHSROutput`` over all pairs); otherwise the two-stage protocol described in the
-    module docstring, with the same shortlist for every ranker.
+    module docstring, with the same shortlist for every ranker (``shortlisted``: already scored).
     """
     caption_image = np.asarray(caption_image, dtype=np.int64)
-    with torch.no_grad():
-        if rerank_k is None:
+    if rerank_k is None:
+        with torch.no_grad():
             out = score_all() if score_all is not None else model.score_encoded(images, texts)
-            ranked = rankers(out.contributions, out.level_scores, out.stream_scores, out.global_similarity)
-            return {name: retrieval_metrics(m.float().cpu().numpy(), caption_image) for name, m in ranked.items()}
-        sim = model.global_similarity(images, texts).double().cpu().numpy()
-        i2t_rows, i2t_cols, t2i_rows, t2i_cols = shortlist_pairs(sim, rerank_k)
-        # The two shortlists share most pairs (an image's top captions often rank it top too):
-        # each pair is scored once.
-        n_texts = sim.shape[1]
-        keys = np.concatenate([i2t_rows * n_texts + i2t_cols, t2i_rows * n_texts + t2i_cols]).astype(np.int64)
-        unique, inverse = np.unique(keys, return_inverse=True)
-        values = _pairs_output(model, images, texts, unique // n_texts, unique % n_texts)
-        i2t_values = {name: v[inverse[:len(i2t_rows)]] for name, v in values.items()}
-        t2i_values = {name: v[inverse[len(i2t_rows):]] for name, v in values.items()}
+        ranked = rankers(out.contributions, out.level_scores, out.stream_scores, out.global_similarity)
+        return {name: retrieval_metrics(m.float().cpu().numpy(), caption_image) for name, m in ranked.items()}
+    s = shortlisted or shortlisted_values(model, images, texts, rerank_k)
+    n_images, n_texts = s.similarity.shape
+    i2t_rows = np.repeat(np.arange(n_images), s.i2t_cols.shape[1])
+    t2i_cols = np.repeat(np.arange(n_texts), s.t2i_rows.shape[1])
     results = {}
-    for name in i2t_values:
-        floor = min(i2t_values[name].min(), t2i_values[name].min()) - 1.0
-        low = sim - sim.max() + floor  # cosine order, below every reranked value
+    for name in s.i2t:
+        floor = min(s.i2t[name].min(), s.t2i[name].min()) - 1.0
+        low = s.similarity - s.similarity.max() + floor  # cosine order, below every reranked value
         i2t = low.copy()
-        i2t[i2t_rows, i2t_cols] = i2t_values[name]
+        i2t[i2t_rows, s.i2t_cols.reshape(-1)] = s.i2t[name].reshape(-1)
         t2i = low
-        t2i[t2i_rows, t2i_cols] = t2i_values[name]
+        t2i[s.t2i_rows.reshape(-1), t2i_cols] = s.t2i[name].reshape(-1)
         results[name] = retrieval_metrics(i2t, caption_image, t2i)
     return results
+
+
+def stream_agreement(s: Shortlisted, caption_image, streams: tuple[str, str] = ("i2t", "t2i")) -> dict[str, dict]:
+    """How much the two streams, each used alone on the same shortlists, agree, per direction.
+
+    ``same_top1``: share of queries where both streams put the same candidate first;
+    ``spearman``: mean rank correlation of their scores over each query's candidates;
+    ``both``/``only_<stream>``/``neither``: share of queries whose first candidate is right for
+    both streams, for one only, for none (``only_*`` is the room a fusion of the two has to gain).
+    """
+    caption_image = np.asarray(caption_image, dtype=np.int64)
+    a, b = (f"{x} stream" for x in streams)
+    out = {}
+    for direction, values, right in (
+            ("i2t", s.i2t, caption_image[s.i2t_cols] == np.arange(s.i2t_cols.shape[0])[:, None]),
+            ("t2i", s.t2i, s.t2i_rows == caption_image[:, None])):
+        if a not in values or b not in values:
+            return {}
+        top_a, top_b = values[a].argmax(1), values[b].argmax(1)
+        hit_a = np.take_along_axis(right, top_a[:, None], 1)[:, 0]
+        hit_b = np.take_along_axis(right, top_b[:, None], 1)[:, 0]
+        ranks_a = values[a].argsort(1).argsort(1).astype(np.float64)
+        ranks_b = values[b].argsort(1).argsort(1).astype(np.float64)
+        ranks_a -= ranks_a.mean(1, keepdims=True)
+        ranks_b -= ranks_b.mean(1, keepdims=True)
+        rho = (ranks_a * ranks_b).sum(1) / np.sqrt((ranks_a ** 2).sum(1) * (ranks_b ** 2).sum(1)).clip(min=1e-12)
+        out[direction] = {"same_top1": float((top_a == top_b).mean()), "spearman": float(rho.mean()),
+                          "both": float((hit_a & hit_b).mean()), f"only_{streams[0]}": float((hit_a & ~hit_b).mean()),
+                          f"only_{streams[1]}": float((~hit_a & hit_b).mean()),
+                          "neither": float((~hit_a & ~hit_b).mean())}
+    return out
