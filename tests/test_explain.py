@@ -129,3 +129,29 @@ def test_region_words_figure_labels_each_cell_with_its_top_word() -> None:
     fig = region_words_figure(Image.new("RGB", (90, 60)), pair_attention(_fake_output()))
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert len(texts) == 6 and texts[1] == "dog"
+
+
+def test_region_top_words_orders_regions_by_match_when_the_model_has_alignment_levels() -> None:
+    out = _fake_output()
+    out.attentions["i2t"]["unit_alignment"] = torch.tensor([[[0.1, 0.2, 0.9, 0.3, 0.0, 0.4]]])
+    attention = pair_attention(out)
+    rows = region_top_words(attention, k=1)
+    assert [r["region"] for r in rows[:2]] == [2, 5] and rows[0]["match"] == pytest.approx(0.9)
+    assert rows[0]["weight"] == pytest.approx(0.1)  # the readout weight is still reported
+
+
+def test_unit_alignment_maps_average_to_the_local_alignment_score(make_model, regions, captions) -> None:
+    from tshsr.encoding import head_inputs
+
+    model = make_model("tshsr", level_cosine=True).eval()
+    images = model.encode_image_features(*model.image_features(regions[:2]))
+    texts = model.encode_text_features(*model.text_features(captions[:3]))
+    with torch.no_grad():
+        out = model.score_encoded(images, texts, return_attention=True)
+        aligned = model.head_kind.alignment_scores(model, head_inputs(images, torch.arange(2)),
+                                                   head_inputs(texts, torch.arange(3)))
+    i2t = out.attentions["i2t"]["unit_alignment"]  # [2, 3, regions]: every region is valid
+    torch.testing.assert_close(i2t.mean(-1), aligned["i2t/local"], atol=1e-5, rtol=1e-4)
+    t2i = out.attentions["t2i"]["unit_alignment"]  # [2, 3, words]: padded words are zero
+    n_words = (t2i != 0).sum(-1).clamp(min=1)
+    torch.testing.assert_close(t2i.sum(-1) / n_words, aligned["t2i/local"], atol=1e-5, rtol=1e-4)

@@ -114,6 +114,8 @@ class PairAttention:
     word_weights [L]: how much each word counts in that stream's local score.
     region_to_word [K, L]: each region's attention over the words (image→text stream).
     region_weights [K]: how much each region counts in that stream's local score.
+    word_match [L] / region_match [K] (models with alignment levels): each word's / region's
+    cosine with what it attended to; their mean is the alignment part of the stream's local score.
     grid: (rows, cols) of the regions when they form a grid (region k is cell (k // cols, k % cols)).
     """
 
@@ -123,6 +125,8 @@ class PairAttention:
     word_weights: np.ndarray | None = None
     region_to_word: np.ndarray | None = None
     region_weights: np.ndarray | None = None
+    word_match: np.ndarray | None = None
+    region_match: np.ndarray | None = None
 
     @property
     def has_maps(self) -> bool:
@@ -151,6 +155,8 @@ def pair_attention(out, image_index: int = 0, text_index: int = 0) -> PairAttent
         result.word_to_region = attention[:n_words]
         if "local_weights" in t2i:
             result.word_weights = _numpy(t2i["local_weights"][image_index, text_index])[:n_words]
+        if "unit_alignment" in t2i:
+            result.word_match = _numpy(t2i["unit_alignment"][image_index, text_index])[:n_words]
     i2t = maps.get("i2t", {})
     if "attention" in i2t:
         attention = _numpy(i2t["attention"][image_index, text_index])  # [K, L_pad]
@@ -158,11 +164,15 @@ def pair_attention(out, image_index: int = 0, text_index: int = 0) -> PairAttent
         result.region_to_word = attention[:, :n_words]
         if "local_weights" in i2t:
             result.region_weights = _numpy(i2t["local_weights"][image_index, text_index])
+        if "unit_alignment" in i2t:
+            result.region_match = _numpy(i2t["unit_alignment"][image_index, text_index])
     result.tokens = tokens[:n_words]
     if result.word_to_region is not None:
         result.word_to_region = result.word_to_region[:n_words]
         if result.word_weights is not None:
             result.word_weights = result.word_weights[:n_words]
+        if result.word_match is not None:
+            result.word_match = result.word_match[:n_words]
     n_regions = (result.word_to_region.shape[1] if result.word_to_region is not None
                  else result.region_to_word.shape[0] if result.region_to_word is not None else None)
     if grid is not None and n_regions is not None and grid[0] * grid[1] != n_regions:
@@ -211,6 +221,8 @@ def word_heatmaps(image: Image.Image, attention: PairAttention, max_words: int |
     words = attention.word_to_region if max_words is None else attention.word_to_region[:max_words]
     for index, row in enumerate(words):
         weight = "" if attention.word_weights is None else f", weight {attention.word_weights[index]:.2f}"
+        if attention.word_match is not None:
+            weight += f", match {attention.word_match[index]:.2f}"
         label = f"{attention.tokens[index]} (peak {row.max():.2f}{weight})"
         results.append((overlay_heatmap(small, row.reshape(rows, cols)), label))
     return results
@@ -218,12 +230,14 @@ def word_heatmaps(image: Image.Image, attention: PairAttention, max_words: int |
 
 def region_top_words(attention: PairAttention, k: int = 3) -> list[dict]:
     """For each region, the ``k`` words it attended to most (image→text attention), regions
-    ordered by how much they count in the image→text local score (or by index without weights)."""
+    ordered by how well they match what they attended to (``region_match``, models with alignment
+    levels), else by how much they count in the image→text local readout, else by index."""
     if attention.region_to_word is None:
         return []
     n_regions, n_words = attention.region_to_word.shape
-    weights = attention.region_weights
-    order = range(n_regions) if weights is None else np.argsort(-weights, kind="stable")
+    weights, match = attention.region_weights, attention.region_match
+    key = match if match is not None else weights
+    order = range(n_regions) if key is None else np.argsort(-key, kind="stable")
     cols = attention.grid[1] if attention.grid is not None else None
     rows = []
     for region in order:
@@ -234,6 +248,7 @@ def region_top_words(attention: PairAttention, k: int = 3) -> list[dict]:
             "region": region,
             "cell": None if cols is None else (region // cols, region % cols),
             "weight": None if weights is None else float(weights[region]),
+            "match": None if match is None else float(match[region]),
             "words": [(attention.tokens[int(j)], float(dist[int(j)])) for j in top],
         })
     return rows

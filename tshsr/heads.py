@@ -312,6 +312,9 @@ class StreamHead(nn.Module):
         if want_maps:
             maps["attention"] = weights
             maps["local_weights"] = alpha
+            if self.aligned_levels:  # each query unit's cosine with what it attended to (the local alignment)
+                units = q["units"] if grid is None else per_pair(q["units"])
+                maps["unit_alignment"] = (attended * units).sum(-1).reshape(query_mask.shape) * query_mask
         return {lv: scores[lv] for lv in self.levels}, maps
 
     def _level_scores(self, local, query_mask, context, glob, cosine, align):

@@ -212,7 +212,8 @@ def explain_match(model: TSHSRModel, photo: Image.Image, caption: str) -> Explan
         for row in region_top_words(attention, k=3)[:12]:
             cell = "" if row["cell"] is None else f"row {row['cell'][0] + 1}, col {row['cell'][1] + 1}"
             weight = None if row["weight"] is None else round(row["weight"], 4)
-            rows.append([cell, weight, ", ".join(f"{w} ({p:.2f})" for w, p in row["words"])])
+            match = None if row["match"] is None else round(row["match"], 3)
+            rows.append([cell, match, weight, ", ".join(f"{w} ({p:.2f})" for w, p in row["words"])])
         if len(attention.tokens) > EXPLAIN_MAX_WORDS:
             lines.append(f"(heatmaps for the first {EXPLAIN_MAX_WORDS} of {len(attention.tokens)} words)")
     else:

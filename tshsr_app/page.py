@@ -171,8 +171,10 @@ def _explain_row(label: str):
         words = gr.Gallery(label="Where each word looked (text→image attention)", columns=4, height=360,
                            elem_id=f"{label}-word-maps" if label else None)
         regions = gr.Plot(label="Most-attended word of each region (image→text)")
-    table = gr.Dataframe(headers=["region", "weight", "top words (attention)"],
-                         label="Regions that count most (image→text local weights)", interactive=False)
+    table = gr.Dataframe(headers=["region", "match", "readout weight", "top words (attention)"],
+                         label="Regions that match best (image→text: each region's cosine with the words it "
+                               "attended to; their mean is the alignment part of the local score)",
+                         interactive=False)
     return [summary, words, regions, table]
 
 
