@@ -101,14 +101,17 @@ def summarize(records: list[dict]) -> str:
         seeds = sorted({s for (p, s) in by if p == a} & {s for (p, s) in by if p == b})
         gaps = [by[a, s]["metrics"]["rsum"] - by[b, s]["metrics"]["rsum"] for s in seeds]
         text = [f"seed {s}: {g:+.1f}" for s, g in zip(seeds, gaps)]
-        return text, (all(g > 0 for g in gaps) if len(seeds) >= 3 else None)
+        if any(g <= 0 for g in gaps):  # a claim that must hold on every seed has failed once: decided
+            return text, False
+        return text, (True if len(seeds) >= 3 else None)
 
     lines += ["", "Seed by seed, RSUM of tshsr minus the other model (a claim holds when tshsr wins on all 3 "
               "paired seeds):"]
     for other, claim in (("t2i", "two streams > text-to-image only"), ("i2t", "two streams > image-to-text only"),
                          ("flat", "hierarchical > flat"), ("dual", "full model > dual encoder")):
         text, held = paired("tshsr", other)
-        verdict = "not decided yet (fewer than 3 paired seeds)" if held is None else ("HELD" if held else "NOT held")
+        verdict = ("not decided yet (tshsr ahead on fewer than 3 paired seeds)" if held is None
+                   else "HELD" if held else "NOT held (tshsr is not ahead on every paired seed)")
         lines.append(f"- {claim}: {verdict}" + (f" — {', '.join(text)}" if text else ""))
     other = [r for r in records if r["recipe"] != recipe]
     if other:
