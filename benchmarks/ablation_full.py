@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from results_md import git_commit, machine, write_section
+from streams_study import ALIGN_NCE
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "ablation_full.jsonl"
@@ -34,8 +35,7 @@ BUDGET = ["--epochs", "4", "--lr-update", "3", "--batch-size", "128", "--embed-d
           "--val-rerank-k", "20"]
 # The recipe of the streams study (benchmarks/streams_study.py, "fixed-aux-align-nce"), for every preset with
 # TSHSR streams and levels; dual, sgr and saf have no levels to fuse or align and train with the budget alone.
-RECIPE = ["--stream-fusion", "equal", "--level-fusion", "equal", "--aux-level-weight", "0.5", "--level-cosine",
-          "--alignment-weight", "1.0", "--alignment-chunk", "16"]
+RECIPE = ALIGN_NCE
 NO_LEVELS = ("dual", "sgr", "saf")
 
 

@@ -28,6 +28,9 @@ from streams_diagnosis import STORE, diagnose, load_records
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = ["--epochs", "4", "--lr-update", "3", "--batch-size", "128", "--embed-dim", "256", "--sim-dim", "128"]
 FIXED = ["--stream-fusion", "equal", "--level-fusion", "equal"]
+# The kept recipe's flags (any preset with TSHSR levels): the default model and the decisive ablation train with it.
+ALIGN_NCE = [*FIXED, "--aux-level-weight", "0.5", "--level-cosine", "--alignment-weight", "1.0", "--alignment-chunk",
+             "16"]
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "fixed-aux": ("fixed equal stream and level weights + a hinge on each of the six parts (weight 0.5)",
                   ["--preset", "tshsr", *FIXED, "--aux-level-weight", "0.5"]),
@@ -36,15 +39,12 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "fixed-aux-align": ("fixed-aux + SCAN alignment blended into the local and context levels (--level-cosine)",
                         ["--preset", "tshsr", *FIXED, "--aux-level-weight", "0.5", "--level-cosine"]),
     "fixed-aux-align-nce": ("fixed-aux-align + an InfoNCE on every alignment score (groups of 16 captions)",
-                            ["--preset", "tshsr", *FIXED, "--aux-level-weight", "0.5", "--level-cosine",
-                             "--alignment-weight", "1.0", "--alignment-chunk", "16"]),
+                            ["--preset", "tshsr", *ALIGN_NCE]),
     "fixed-aux-align-nce-mined": ("fixed-aux-align-nce + negatives picked by the full model among the cosine's 8 nearest",
-                                  ["--preset", "tshsr", *FIXED, "--aux-level-weight", "0.5", "--level-cosine",
-                                   "--alignment-weight", "1.0", "--alignment-chunk", "16", "--mine-pool", "8"]),
+                                  ["--preset", "tshsr", *ALIGN_NCE, "--mine-pool", "8"]),
     "fixed-aux-align-joint": ("fixed-aux-align-nce + an InfoNCE on the mean of the cosine and all four alignment "
                               "scores (the parts trained as one ranker)",
-                              ["--preset", "tshsr", *FIXED, "--aux-level-weight", "0.5", "--level-cosine",
-                               "--alignment-weight", "1.0", "--alignment-chunk", "16", "--alignment-joint", "1.0"]),
+                              ["--preset", "tshsr", *ALIGN_NCE, "--alignment-joint", "1.0"]),
     "learned-aux": ("round-1 learned weights (x50 rate) + the per-part hinge (is fixing the weights needed?)",
                     ["--preset", "tshsr", "--aux-level-weight", "0.5"]),
     "dual": ("dual encoder at the same budget (the baseline the full model must beat by 20 RSUM)",
