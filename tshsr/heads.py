@@ -107,10 +107,14 @@ def attended_cosine_grid(
     return score.T if queries_are_images else score
 
 
+def unit_alignment(attended: torch.Tensor, queries: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """cos(q_i, a_i) of every query unit (both unit vectors), zero where ``mask`` is off."""
+    return (attended * queries).sum(-1) * mask.to(attended.dtype)
+
+
 def mean_alignment(attended: torch.Tensor, queries: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over valid query units of cos(q_i, a_i) (both unit vectors), over any leading shape."""
-    mask = mask.to(attended.dtype)
-    return ((attended * queries).sum(-1) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return unit_alignment(attended, queries, mask).sum(-1) / mask.to(attended.dtype).sum(-1).clamp(min=1)
 
 
 class SimilarityNodes(nn.Module):
@@ -314,7 +318,8 @@ class StreamHead(nn.Module):
             maps["local_weights"] = alpha
             if self.aligned_levels:  # each query unit's cosine with what it attended to (the local alignment)
                 units = q["units"] if grid is None else per_pair(q["units"])
-                maps["unit_alignment"] = (attended * units).sum(-1).reshape(query_mask.shape) * query_mask
+                cosines = unit_alignment(attended, units, query_mask.view(units.shape[:-1]))
+                maps["unit_alignment"] = cosines.reshape(query_mask.shape)
         return {lv: scores[lv] for lv in self.levels}, maps
 
     def _level_scores(self, local, query_mask, context, glob, cosine, align):

@@ -39,7 +39,8 @@ class TSHSROutput(_ScoreBreakdown):
     words over regions [.., L, K], for "i2t" regions over words [.., K, L]) and
     ``local_weights`` (how much each query unit counts in the local readout) and, for models
     with alignment levels, ``unit_alignment`` (each query unit's cosine with what it attended to:
-    the local level's alignment score is their mean), with leading axes [n_images, n_texts]. ``TSHSRModel.score`` adds the words of each text and the region grid.
+    the local level's alignment score is their mean), with leading axes [n_images, n_texts].
+    ``TSHSRModel.score`` adds the words of each text and the region grid.
     """
 
     text_tokens: list[list[str]] | None = None
