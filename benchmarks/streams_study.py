@@ -31,6 +31,8 @@ FIXED = ["--stream-fusion", "equal", "--level-fusion", "equal"]
 # The kept recipe's flags (any preset with TSHSR levels): the default model and the decisive ablation train with it.
 ALIGN_NCE = [*FIXED, "--aux-level-weight", "0.5", "--level-cosine", "--alignment-weight", "1.0", "--alignment-chunk",
              "16"]
+# Twice the epochs (the learning rate drops after 6 instead of 3): the kept recipe was still climbing at epoch 4.
+LONG = ["--epochs", "8", "--lr-update", "6"]
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "fixed-aux": ("fixed equal stream and level weights + a hinge on each of the six parts (weight 0.5)",
                   ["--preset", "tshsr", *FIXED, "--aux-level-weight", "0.5"]),
@@ -45,6 +47,14 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "fixed-aux-align-joint": ("fixed-aux-align-nce + an InfoNCE on the mean of the cosine and all four alignment "
                               "scores (the parts trained as one ranker)",
                               ["--preset", "tshsr", *ALIGN_NCE, "--alignment-joint", "1.0"]),
+    "skip": ("fixed-aux-align-nce with --context-skip: the reasoning also links local and global directly, so the "
+             "context level is a path beside local -> global instead of a bottleneck between them",
+             ["--preset", "tshsr", *ALIGN_NCE, "--context-skip"]),
+    "long": ("fixed-aux-align-nce trained 8 epochs, learning rate dropped after 6 (the kept recipe still climbed at 4)",
+             ["--preset", "tshsr", *ALIGN_NCE, *LONG]),
+    "flat-long": ("the flat preset (no context level) with the long recipe",
+                  ["--preset", "flat", *ALIGN_NCE, *LONG]),
+    "dual-long": ("dual encoder trained 8 epochs (the baseline of the long recipe)", ["--preset", "dual", *LONG]),
     "learned-aux": ("round-1 learned weights (x50 rate) + the per-part hinge (is fixing the weights needed?)",
                     ["--preset", "tshsr", "--aux-level-weight", "0.5"]),
     "dual": ("dual encoder at the same budget (the baseline the full model must beat by 20 RSUM)",
@@ -147,7 +157,7 @@ def main() -> int:
             if args.summary_only:
                 continue
             out, _ = train(recipe_name, seed, args.data_dir, args.threads)
-            if recipe_name != "dual" and not any(r["name"] == run_name and r["protocol"] == f"rerank-{PROTOCOL_K}"
+            if not recipe_name.startswith("dual") and not any(r["name"] == run_name and r["protocol"] == f"rerank-{PROTOCOL_K}"
                                                  for r in records):
                 records = load_records()  # other study processes may have added theirs meanwhile
                 records = [r for r in records if r["name"] != run_name]

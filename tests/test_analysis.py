@@ -217,3 +217,30 @@ def test_stream_agreement_matches_each_streams_recall(make_model, regions, capti
         assert 100 * (a["both"] + a["only_t2i"]) == pytest.approx(metrics["t2i stream"][direction]["r1"])
     itself = stream_agreement(shortlisted, caption_image, streams=("i2t", "i2t"))
     assert itself["i2t"]["same_top1"] == 1.0 and itself["t2i"]["spearman"] == pytest.approx(1.0)
+
+
+# --- the reasoning graph with local <-> global edges beside the context level (context_skip) --------
+def test_context_skip_adds_edges_and_scores_the_same_on_every_path(make_model, regions, captions, tmp_path) -> None:
+    from tshsr import TSHSRConfig, TSHSRModel
+
+    model = make_model("tshsr", context_skip=True, level_cosine=True).eval()
+    assert all(hasattr(h.reasoning, "skip_up") for h in model.streams.values())
+    images, texts = _encode(model, regions[:4], captions[:5])
+    grid = model.score_encoded(images, texts)
+    pi, pt = torch.meshgrid(torch.arange(4), torch.arange(5), indexing="ij")
+    pairs = model.score_pairs(images, texts, pi.reshape(-1), pt.reshape(-1))
+    torch.testing.assert_close(pairs.scores.view(4, 5), grid.scores, atol=1e-5, rtol=1e-5)
+    # The skip edges really take part: zeroing them changes the scores.
+    with torch.no_grad():
+        for h in model.streams.values():
+            h.reasoning.skip_up.weight.zero_(); h.reasoning.skip_up.bias.fill_(-1.0)
+            h.reasoning.skip_down.weight.zero_(); h.reasoning.skip_down.bias.fill_(-1.0)
+    assert not torch.allclose(model.score_encoded(images, texts).scores, grid.scores)
+    # Saved and reloaded with the flag; a config without it reads and hashes as before.
+    model.save_pretrained(tmp_path / "m")
+    assert TSHSRModel.from_pretrained(tmp_path / "m").config.context_skip
+    plain = TSHSRConfig.preset("tshsr")
+    assert "context_skip" not in plain.to_dict()
+    assert TSHSRConfig.from_dict(plain.to_dict()).fingerprint() == plain.fingerprint()
+    with pytest.raises(ValueError, match="context_skip"):
+        TSHSRConfig.preset("flat", context_skip=True)

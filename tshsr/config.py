@@ -42,6 +42,9 @@ class TSHSRConfig:
     stream_fusion: str = "learned"  # "learned" (softmax weights) or "equal" (fixed, cannot collapse)
     level_cosine: bool = False  # local/context levels also carry SCAN's alignment (attended cosine)
     level_fusion: str = "learned"  # "learned" (softmax weights per stream) or "equal" (fixed 1/levels)
+    # The reasoning graph also links local and global directly (global gathers the local nodes, local
+    # nodes read the global node), so the context level is a path beside local -> global, not between.
+    context_skip: bool = False
     logit_scale_init: float = 20.0  # temperature of the contrastive term on global vectors
 
     # --- image side ------------------------------------------------------------------------
@@ -114,6 +117,8 @@ class TSHSRConfig:
                 bad(f"{name} must be positive")
         if self.reasoning_steps < 0:
             bad("reasoning_steps must be >= 0")
+        if self.context_skip and "context" not in self.levels:
+            bad("context_skip links local and global beside the context level; it needs the context level")
         if "context" in self.levels and (self.context_units_image <= 0 or self.context_units_text <= 0):
             bad("the context level needs context_units_image > 0 and context_units_text > 0")
 
@@ -154,6 +159,8 @@ class TSHSRConfig:
                 data[key] = list(value)
         if data["backbone_sha256"] is None:  # nothing to pin: config.json stays as older versions wrote it
             del data["backbone_sha256"]
+        if not data["context_skip"]:  # off: config.json (and its fingerprint) as older versions wrote it
+            del data["context_skip"]
         return data
 
     @classmethod

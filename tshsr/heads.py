@@ -161,12 +161,17 @@ class HierarchicalReasoning(nn.Module):
     residual followed by L2 normalisation, so nodes stay similarity vectors on the unit sphere.
     Only O(nodes x m) work touches the many local nodes; m x m projections run on the few
     context and global nodes, which keeps the reasoning cheap next to building the nodes.
+
+    ``skip`` (with context) adds the direct edges of the graph without context: the global node
+    also gathers the local nodes, and each local node also receives the global node, so the
+    context level is a second path between local and global rather than the only one.
     """
 
-    def __init__(self, sim_dim: int, steps: int, with_context: bool):
+    def __init__(self, sim_dim: int, steps: int, with_context: bool, skip: bool = False):
         super().__init__()
         self.steps = steps
         self.with_context = with_context
+        self.skip = skip and with_context
         m = sim_dim
         self.local_gate = nn.Linear(m, 1)
         self.up_global = nn.Linear(m, m)
@@ -176,6 +181,9 @@ class HierarchicalReasoning(nn.Module):
             self.up_context = nn.Linear(m, m)
             self.context_gate = nn.Linear(m, 1)
             self.down_context = nn.Linear(2 * m, m)
+        if self.skip:
+            self.skip_up = nn.Linear(m, m)  # local nodes -> global node
+            self.skip_down = nn.Linear(m, m)  # global node -> local nodes
 
     def forward(self, local, local_mask, context, membership, global_node):
         """local [P, n, m], local_mask [P, n], context [P, C, m] or None, membership [P, C, n]
@@ -200,13 +208,19 @@ class HierarchicalReasoning(nn.Module):
             else:
                 up_edge = masked_softmax(local_logit, local_mask, dim=1)
                 gathered = torch.bmm(up_edge.unsqueeze(1), local).squeeze(1)
-            global_node = l2norm(global_node + relu(self.up_global(gathered)), fresh=True)
+            update = relu(self.up_global(gathered))
+            if self.skip:
+                local_edge = masked_softmax(local_logit, local_mask, dim=1)
+                update = update + relu(self.skip_up(torch.bmm(local_edge.unsqueeze(1), local).squeeze(1)))
+            global_node = l2norm(global_node + update, fresh=True)
             # ---- top-down ----
             if self.with_context:
                 g = global_node.unsqueeze(1).expand_as(context)
                 context = l2norm(context + relu(self.down_context(torch.cat([context, g], -1))), fresh=True)
                 message = relu(self.down_local(torch.cat([context, g], -1)))  # [P, C, m]
                 received = torch.bmm(share_t, message)  # [P, n, m]
+                if self.skip:
+                    received = received + relu(self.skip_down(global_node)).unsqueeze(1)
             else:
                 received = relu(self.down_local(global_node)).unsqueeze(1)
             local = torch.addcmul(local, torch.sigmoid(down_logit), received)
@@ -236,7 +250,8 @@ class StreamHead(nn.Module):
         if "context" in self.levels:
             self.context_nodes = SimilarityNodes(D, m)
             self.context_readout = FilteredReadout(m)
-        self.reasoning = HierarchicalReasoning(m, config.reasoning_steps, "context" in self.levels)
+        self.reasoning = HierarchicalReasoning(m, config.reasoning_steps, "context" in self.levels,
+                                               skip=config.context_skip)
         # Starts leaning on the cosine of the contrastive global vectors: it learns fastest.
         self.cosine_mix = nn.Parameter(torch.tensor(2.0)) if self.global_cosine else None
         if config.level_fusion == "learned":

@@ -63,6 +63,7 @@ class TrainArgs:
     stream_fusion: str = "learned"
     level_fusion: str = "learned"
     level_cosine: bool = False  # local/context levels also carry SCAN's alignment (attended cosine)
+    context_skip: bool = False  # reasoning also links local and global directly (context beside, not between)
     alignment_weight: float = 0.0  # InfoNCE on each level's alignment score, within groups of captions
     alignment_joint: float = 0.0  # InfoNCE on the mean of the cosine and every alignment score
     alignment_chunk: int = 32
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--level-cosine", action="store_true",
                    help="the local and context levels also carry SCAN's alignment score (mean cosine of each "
                         "unit with what it attends to), as the global level carries the global cosine")
+    g.add_argument("--context-skip", action="store_true",
+                   help="the reasoning graph also links the local and global levels directly, so the context "
+                        "level is a path beside local -> global instead of the only one")
     g.add_argument("--finetune-text", action="store_true")
     g.add_argument("--finetune-image", action="store_true")
     g.add_argument("--text-lr-mult", type=float, default=d.text_lr_mult)
