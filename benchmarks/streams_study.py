@@ -47,6 +47,9 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "fixed-aux-align-joint": ("fixed-aux-align-nce + an InfoNCE on the mean of the cosine and all four alignment "
                               "scores (the parts trained as one ranker)",
                               ["--preset", "tshsr", *ALIGN_NCE, "--alignment-joint", "1.0"]),
+    "per-part": ("fixed-aux-align-nce with flat's weight on each part: the alignment InfoNCE and the level hinges are "
+                 "means over 4 and 6 parts (flat: 2 and 4), so --alignment-weight 2 and --aux-level-weight 0.75",
+                 ["--preset", "tshsr", *ALIGN_NCE, "--alignment-weight", "2.0", "--aux-level-weight", "0.75"]),
     "skip": ("fixed-aux-align-nce with --context-skip: the reasoning also links local and global directly, so the "
              "context level is a path beside local -> global instead of a bottleneck between them",
              ["--preset", "tshsr", *ALIGN_NCE, "--context-skip"]),
@@ -121,7 +124,7 @@ def summarize(records: list[dict], runs: list[dict]) -> str:
             continue
         m = rec["metrics"]
         full = m["full"]["rsum"]
-        parts = [v["rsum"] for k, v in m.items() if "/" in k]
+        parts = [v["rsum"] for k, v in m.items() if "/" in k and not k.endswith(" alignment")]
         span = f"{min(parts):.1f}–{max(parts):.1f}" if parts else "—"
 
         def cost(key: str) -> str:

@@ -244,3 +244,23 @@ def test_context_skip_adds_edges_and_scores_the_same_on_every_path(make_model, r
     assert TSHSRConfig.from_dict(plain.to_dict()).fingerprint() == plain.fingerprint()
     with pytest.raises(ValueError, match="context_skip"):
         TSHSRConfig.preset("flat", context_skip=True)
+
+
+def test_shortlist_rankers_include_each_alignment_alone(make_model, regions, captions) -> None:
+    """The diagnosis ranks each level's alignment score alone (before nodes and reasoning); on a
+    pair it is the same value the grid path computes for training."""
+    from tshsr.analysis import shortlisted_values
+    from tshsr.encoding import head_inputs
+
+    model = make_model("tshsr", level_cosine=True)
+    images, texts = _encode(model, regions[:4], captions[:6])
+    s = shortlisted_values(model, images, texts, rerank_k=3)
+    grid = model.head_kind.alignment_scores(model, head_inputs(images), head_inputs(texts))
+    assert set(grid) == {"i2t/local", "i2t/context", "t2i/local", "t2i/context"}
+    for key, values in grid.items():
+        expected = values.double().numpy()[np.arange(4)[:, None], s.i2t_cols]
+        np.testing.assert_allclose(s.i2t[f"{key} alignment"], expected, atol=1e-5)
+    # Models without alignment levels have no such rankers.
+    plain = make_model("tshsr")
+    assert not any(k.endswith("alignment") for k in shortlisted_values(plain, *_encode(plain, regions[:4], captions[:6]),
+                                                                         rerank_k=3).i2t)

@@ -6,7 +6,10 @@ parts can be judged one by one on a split:
 * each part alone as a ranker: the level score of ``<stream>/<level>``, each stream's own score,
   and the cosine of the contrastive global vectors (the dual-encoder shortlist);
 * leave-one-out: the full score minus one stream's contributions, or minus one level's
-  contributions in every stream (ranking is unchanged by a positive factor, so no renormalising).
+  contributions in every stream (ranking is unchanged by a positive factor, so no renormalising);
+* on shortlists, for models whose local and context levels carry SCAN's alignment score,
+  ``<stream>/<level> alignment``: that alignment alone (the attended cosine, before any
+  similarity node or reasoning: what the unit vectors and the attention know by themselves).
 
 Exhaustive scoring ranks all pairs; the two-stage protocol gives every ranker the same shortlist
 (the cosine's top K per image and per caption), reranks it by that ranker and leaves the rest in
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .encoding import head_inputs
 from .metrics import retrieval_metrics
 
 PAIR_CHUNK = 4096
@@ -57,8 +61,10 @@ def _pairs_output(model, images, texts, rows: np.ndarray, cols: np.ndarray) -> d
         r = torch.from_numpy(rows[start:start + PAIR_CHUNK])
         c = torch.from_numpy(cols[start:start + PAIR_CHUNK])
         out = model.score_pairs(images, texts, r, c)
-        for name, v in rankers(out.contributions, out.level_scores, out.stream_scores,
-                               out.global_similarity).items():
+        ranked = rankers(out.contributions, out.level_scores, out.stream_scores, out.global_similarity)
+        aligned = model.head_kind.alignment_scores(model, head_inputs(images, r), head_inputs(texts, c), pairs=True)
+        ranked.update({f"{key} alignment": v for key, v in aligned.items()})
+        for name, v in ranked.items():
             values.setdefault(name, []).append(v.double().cpu().numpy())
     return {name: np.concatenate(v) for name, v in values.items()}
 

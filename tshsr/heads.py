@@ -355,6 +355,19 @@ class StreamHead(nn.Module):
             scores["global"] = node_score
         return scores, alpha
 
+    def alignment_pairs(self, q, k) -> dict[str, torch.Tensor]:
+        """The alignment score of every level that has one, for pairs (leading pair axis P):
+        {level: [P]}, the values the pair path of :meth:`forward` blends into the level scores."""
+        out = {}
+        if "local" in self.aligned_levels:
+            attended, _ = cross_attention(q["units"], q["mask"], k["units"], k["mask"], self.smooth)
+            out["local"] = mean_alignment(attended, q["units"], q["mask"])
+        if "context" in self.aligned_levels:
+            ctx_mask = torch.ones_like(q["context"][..., 0], dtype=torch.bool)
+            attended, _ = cross_attention(q["context"], ctx_mask, k["units"], k["mask"], self.smooth)
+            out["context"] = mean_alignment(attended, q["context"], ctx_mask)
+        return out
+
     def alignment_grid(self, q, k) -> dict[str, torch.Tensor]:
         """The alignment score of every level that has one, for every (image, text) combination of
         the given items: {level: [n_images, n_texts]} (the training batch's contrastive term)."""

@@ -79,9 +79,10 @@ class HeadKind:
         """The weight of each contribution (its score = weight x level score)."""
         return {k: torch.tensor(1.0) for k in self.contribution_keys(model.config)}
 
-    def alignment_scores(self, model, img: dict, txt: dict) -> dict[str, torch.Tensor]:
+    def alignment_scores(self, model, img: dict, txt: dict, pairs: bool = False) -> dict[str, torch.Tensor]:
         """{"<stream>/<level>": [n_images, n_texts]} alignment scores of every combination of the
-        given items, for the levels that carry one ({} for heads without)."""
+        given items, for the levels that carry one ({} for heads without); ``pairs=True``: of the
+        pairs (img[p], txt[p]), [P] each."""
         return {}
 
 
@@ -125,11 +126,12 @@ class TwoStreamHierarchicalHead(HeadKind):
             stream_scores[stream] = total
         return contributions, level_scores, stream_scores, maps
 
-    def alignment_scores(self, model, img, txt) -> dict[str, torch.Tensor]:
+    def alignment_scores(self, model, img, txt, pairs: bool = False) -> dict[str, torch.Tensor]:
         out = {}
         for stream, head in model.streams.items():
             q, k = (img, txt) if stream == "i2t" else (txt, img)
-            out.update({f"{stream}/{level}": v for level, v in head.alignment_grid(q, k).items()})
+            values = head.alignment_pairs(q, k) if pairs else head.alignment_grid(q, k)
+            out.update({f"{stream}/{level}": v for level, v in values.items()})
         return out
 
     def mixing_weights(self, model) -> dict[str, torch.Tensor]:
