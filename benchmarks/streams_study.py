@@ -50,6 +50,9 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "per-part": ("fixed-aux-align-nce with flat's weight on each part: the alignment InfoNCE and the level hinges are "
                  "means over 4 and 6 parts (flat: 2 and 4), so --alignment-weight 2 and --aux-level-weight 0.75",
                  ["--preset", "tshsr", *ALIGN_NCE, "--alignment-weight", "2.0", "--aux-level-weight", "0.75"]),
+    "local-nce": ("fixed-aux-align-nce with the alignment InfoNCE on the local level only (--alignment-levels local): "
+                  "the context level's alignment no longer pulls on the shared unit vectors",
+                  ["--preset", "tshsr", *ALIGN_NCE, "--alignment-levels", "local"]),
     "skip": ("fixed-aux-align-nce with --context-skip: the reasoning also links local and global directly, so the "
              "context level is a path beside local -> global instead of a bottleneck between them",
              ["--preset", "tshsr", *ALIGN_NCE, "--context-skip"]),

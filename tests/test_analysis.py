@@ -264,3 +264,25 @@ def test_shortlist_rankers_include_each_alignment_alone(make_model, regions, cap
     plain = make_model("tshsr")
     assert not any(k.endswith("alignment") for k in shortlisted_values(plain, *_encode(plain, regions[:4], captions[:6]),
                                                                          rerank_k=3).i2t)
+
+
+def test_alignment_loss_can_leave_the_context_level_out(make_model, regions, captions) -> None:
+    from tshsr.encoding import head_inputs
+    from tshsr.loss import alignment_loss
+    from tshsr.losses import contrastive_loss
+
+    model = make_model("tshsr", level_cosine=True).train()
+    positive = torch.eye(4, dtype=torch.bool)
+    images = model.encode_image_features(*model.image_features(regions[:4]))
+    texts = model.encode_text_features(*model.text_features(captions[:4]))
+    scale = torch.tensor(10.0)
+    out = alignment_loss(model, images, texts, positive, scale, chunk=4, levels=("local",))
+    aligned = model.head_kind.alignment_scores(model, head_inputs(images, torch.arange(4)),
+                                               head_inputs(texts, torch.arange(4)))
+    expected = (contrastive_loss(aligned["i2t/local"], positive, scale)
+                + contrastive_loss(aligned["t2i/local"], positive, scale)) / 2
+    torch.testing.assert_close(out["alignment"], expected)
+    # The context queries then get no gradient from this term.
+    model.zero_grad()
+    out["alignment"].backward()
+    assert model.image_context_queries.grad is None or model.image_context_queries.grad.abs().sum() == 0

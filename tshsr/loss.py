@@ -29,6 +29,7 @@ class LossSettings:
     alignment_weight: float = 0.0  # InfoNCE on each level's alignment score, within groups of captions
     alignment_chunk: int = 32  # captions per InfoNCE group (every pair of a group is aligned: cost ~ chunk x batch)
     alignment_joint: float = 0.0  # InfoNCE on the mean of the cosine and all alignment scores: parts trained together
+    alignment_levels: str = "all"  # "local": the alignment InfoNCE leaves the context level's score out
 
     @classmethod
     def from_args(cls, args) -> "LossSettings":
@@ -55,7 +56,9 @@ def matching_loss(model, images, texts, positive: torch.Tensor, settings: LossSe
     if settings.alignment_weight > 0 or settings.alignment_joint > 0:
         weights = {"alignment": settings.alignment_weight, "alignment_joint": settings.alignment_joint}
         for name, value in alignment_loss(model, images, texts, positive, scale, settings.alignment_chunk,
-                                          similarity if settings.alignment_joint > 0 else None).items():
+                                          similarity if settings.alignment_joint > 0 else None,
+                                          levels=None if settings.alignment_levels == "all"
+                                          else (settings.alignment_levels,)).items():
             parts[name] = value
             loss = loss + weights[name] * value
     if model.head_kind.cross_attention:
@@ -80,19 +83,23 @@ def matching_loss(model, images, texts, positive: torch.Tensor, settings: LossSe
 
 
 def alignment_loss(model, images, texts, positive: torch.Tensor, scale: torch.Tensor, chunk: int,
-                   similarity: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   similarity: torch.Tensor | None = None,
+                   levels: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
     """InfoNCE on the alignment scores, over groups of ``chunk`` captions, each group against the
     images of its own captions (every pair of a group aligned: a whole batch of 128 would cost
     ~16K pair alignments a step). ``alignment``: the mean over every level's score alone.
     ``alignment_joint`` (when the global ``similarity`` is given): on the mean of the cosine and
     every alignment score, so that the parts are also trained as one ranker, each correcting the
-    others rather than each repeating the cosine. {} for heads without alignment scores."""
+    others rather than each repeating the cosine. ``levels``: only these levels' scores (None: all).
+    {} for heads without alignment scores."""
     alone, joint = [], []
     for start in range(0, positive.shape[1], chunk):
         cols = torch.arange(start, min(start + chunk, positive.shape[1]), device=positive.device)
         rows = positive[:, cols].any(1).nonzero(as_tuple=True)[0]
         group = positive[rows][:, cols]
         aligned = model.head_kind.alignment_scores(model, head_inputs(images, rows), head_inputs(texts, cols))
+        if levels is not None:
+            aligned = {k: v for k, v in aligned.items() if k.split("/")[1] in levels}
         if not aligned:
             return {}
         alone += [contrastive_loss(v, group, scale) for v in aligned.values()]

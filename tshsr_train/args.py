@@ -67,6 +67,7 @@ class TrainArgs:
     alignment_weight: float = 0.0  # InfoNCE on each level's alignment score, within groups of captions
     alignment_joint: float = 0.0  # InfoNCE on the mean of the cosine and every alignment score
     alignment_chunk: int = 32
+    alignment_levels: str = "all"  # "local": the InfoNCE skips the context level's alignment
     contrastive_weight: float = 1.0
     finetune_text: bool = False
     finetune_image: bool = False
@@ -138,6 +139,9 @@ def _add_optimisation_flags(p: argparse.ArgumentParser, d: TrainArgs) -> None:
                         "trained as one ranker; with --level-cosine)")
     g.add_argument("--alignment-chunk", type=int, default=d.alignment_chunk,
                    help="captions per alignment InfoNCE group (each against its own captions' images)")
+    g.add_argument("--alignment-levels", default=d.alignment_levels, choices=["all", "local"],
+                   help="levels whose alignment score the InfoNCE trains (local: not the context level's, "
+                        "so context pooling does not pull on the unit vectors through it)")
     g.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
     g.add_argument("--device", default=d.device)
     g.add_argument("--threads", type=int, default=d.threads, help="CPU threads (torch.set_num_threads)")
