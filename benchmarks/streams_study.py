@@ -53,6 +53,9 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "local-nce": ("fixed-aux-align-nce with the alignment InfoNCE on the local level only (--alignment-levels local): "
                   "the context level's alignment no longer pulls on the shared unit vectors",
                   ["--preset", "tshsr", *ALIGN_NCE, "--alignment-levels", "local"]),
+    "detach": ("fixed-aux-align-nce with --context-detach: the context level reads the unit vectors without gradient "
+               "(it trains its queries and nodes, never the units the local level aligns)",
+               ["--preset", "tshsr", *ALIGN_NCE, "--context-detach"]),
     "skip": ("fixed-aux-align-nce with --context-skip: the reasoning also links local and global directly, so the "
              "context level is a path beside local -> global instead of a bottleneck between them",
              ["--preset", "tshsr", *ALIGN_NCE, "--context-skip"]),

@@ -286,3 +286,38 @@ def test_alignment_loss_can_leave_the_context_level_out(make_model, regions, cap
     model.zero_grad()
     out["alignment"].backward()
     assert model.image_context_queries.grad is None or model.image_context_queries.grad.abs().sum() == 0
+
+
+def test_context_detach_keeps_scores_and_cuts_the_context_gradient_into_units(make_model, regions, captions) -> None:
+    """With detach_context_units the context level's own inputs (its units and the keys it attends
+    over) carry no gradient into the unit vectors. Without reasoning steps the context score
+    depends on nothing else (with them, it also reads the local nodes, which is wanted)."""
+    from tshsr.encoding import head_inputs
+
+    model = make_model("tshsr", level_cosine=True, reasoning_steps=0).train()
+    with torch.no_grad():
+        feats = (model.image_features(regions[:3]), model.text_features(captions[:3]))
+
+    def run(detach: bool, part: str):
+        model.detach_context_units = detach
+        model.zero_grad()
+        images, texts = model.encode_image_features(*feats[0]), model.encode_text_features(*feats[1])
+        if part == "score":
+            out = model.score_pairs(images, texts, torch.arange(3), torch.arange(3))
+            value, scores = out.level_scores["i2t/context"].sum() + out.level_scores["t2i/context"].sum(), out.scores
+        else:  # the context alignment the InfoNCE trains
+            aligned = model.head_kind.alignment_scores(model, head_inputs(images), head_inputs(texts))
+            value, scores = aligned["i2t/context"].sum() + aligned["t2i/context"].sum(), aligned["i2t/context"]
+        value.backward()
+        units_grad = sum(float(p.grad.abs().sum()) for p in (model.image_proj.weight, model.text_proj.weight)
+                         if p.grad is not None)
+        return scores.detach(), units_grad, float(model.image_context_queries.grad.abs().sum())
+
+    for part in ("score", "alignment"):
+        scores, units_grad, _ = run(False, part)
+        assert units_grad > 0
+        detached_scores, detached_units_grad, queries_grad = run(True, part)
+        torch.testing.assert_close(detached_scores, scores)
+        assert detached_units_grad == 0  # nothing reaches the unit vectors
+        assert queries_grad > 0  # the context queries still learn
+    model.detach_context_units = False

@@ -151,10 +151,12 @@ def head_inputs(encoding: Encoding, index: torch.Tensor | None = None) -> dict[s
                           if (value := getattr(encoding, f.name)) is not None})
 
 
-def encode_side(feats, mask, proj, pool, embed, context_queries, cls):
+def encode_side(feats, mask, proj, pool, embed, context_queries, cls, detach_context: bool = False):
     """One side's trainable encoding of backbone features [N, n, F] (mask [N, n]) into ``cls``:
     projected, L2-normalised units, an attention-pooled vector, the contrastive embedding of the
-    pooled raw features and, with ``context_queries`` [C, D], each unit's context membership."""
+    pooled raw features and, with ``context_queries`` [C, D], each unit's context membership
+    (``detach_context``: computed from the units without gradient, so that the context level
+    trains its queries but never the unit vectors; the values are the same)."""
     mask = mask.bool()
     x = proj(feats)
     weights = masked_softmax(pool(x).squeeze(-1), mask, dim=1)  # [N, n]
@@ -164,6 +166,7 @@ def encode_side(feats, mask, proj, pool, embed, context_queries, cls):
     units = l2norm(x) * mask.unsqueeze(-1)
     membership = None
     if context_queries is not None:
-        logits = torch.einsum("cd,nkd->nck", context_queries, units) * math.sqrt(units.shape[-1])
+        logits = torch.einsum("cd,nkd->nck", context_queries, units.detach() if detach_context else units)
+        logits = logits * math.sqrt(units.shape[-1])
         membership = masked_softmax(logits, mask.unsqueeze(1), dim=2)
     return cls(units=units, mask=mask, pooled=pooled, embedding=embedding, membership=membership)

@@ -254,6 +254,7 @@ class StreamHead(nn.Module):
                                                skip=config.context_skip)
         # Starts leaning on the cosine of the contrastive global vectors: it learns fastest.
         self.cosine_mix = nn.Parameter(torch.tensor(2.0)) if self.global_cosine else None
+        self.detach_context_units = False  # set through TSHSRModel.detach_context_units (training only)
         if config.level_fusion == "learned":
             self.level_logits = nn.Parameter(torch.zeros(len(self.levels)))
         # The local and context levels also carry SCAN's alignment score (the mean cosine of each
@@ -261,6 +262,14 @@ class StreamHead(nn.Module):
         self.aligned_levels = tuple(lv for lv in self.levels if lv != "global") if config.level_cosine else ()
         if self.aligned_levels:
             self.alignment_mix = nn.Parameter(torch.full((len(self.aligned_levels),), 2.0))
+
+    def _context_input(self, q: dict, k: dict) -> tuple[dict, torch.Tensor]:
+        """(q, the key units the context level attends over). When the model trains with
+        ``detach_context_units``, q's context units are rebuilt from detached unit vectors and the
+        keys are detached: same values, no gradient from the context level into any unit vector."""
+        if self.detach_context_units and torch.is_grad_enabled() and q.get("membership") is not None:
+            return {**q, "context": l2norm(torch.bmm(q["membership"], q["units"].detach()))}, k["units"].detach()
+        return q, k["units"]
 
     def level_weights(self) -> torch.Tensor:
         if hasattr(self, "level_logits"):
@@ -276,6 +285,7 @@ class StreamHead(nn.Module):
         with every text, image-major (P = n_images x n_texts). Returns ({level: score [P]}, maps).
         """
         maps = {}
+        q, ctx_keys = self._context_input(q, k)
         ctx_mask = None if q.get("context") is None else torch.ones_like(q["context"][..., 0], dtype=torch.bool)
         if grid is None:
             attended, weights = cross_attention(q["units"], q["mask"], k["units"], k["mask"], self.smooth)
@@ -285,7 +295,7 @@ class StreamHead(nn.Module):
             glob = self.global_nodes(k["pooled"], q["pooled"])
             membership = q.get("membership")
             if "context" in self.levels:
-                ctx_attended, ctx_weights = cross_attention(q["context"], ctx_mask, k["units"], k["mask"], self.smooth)
+                ctx_attended, ctx_weights = cross_attention(q["context"], ctx_mask, ctx_keys, k["mask"], self.smooth)
                 context = self.context_nodes(ctx_attended, q["context"])
                 if self.aligned_levels:
                     align["context"] = mean_alignment(ctx_attended, q["context"], ctx_mask)
@@ -311,7 +321,7 @@ class StreamHead(nn.Module):
             membership = None if q.get("membership") is None else per_pair(q["membership"]).reshape(
                 n_pairs, *q["membership"].shape[1:])
             if "context" in self.levels:
-                ctx_attended, ctx_weights = cross_attention_grid(q["context"], ctx_mask, k["units"], k["mask"],
+                ctx_attended, ctx_weights = cross_attention_grid(q["context"], ctx_mask, ctx_keys, k["mask"],
                                                                  self.smooth, images_first)
                 context = self.context_nodes(ctx_attended, per_pair(q["context"]))
                 context = context.reshape(n_pairs, *context.shape[2:])
@@ -358,13 +368,14 @@ class StreamHead(nn.Module):
     def alignment_pairs(self, q, k) -> dict[str, torch.Tensor]:
         """The alignment score of every level that has one, for pairs (leading pair axis P):
         {level: [P]}, the values the pair path of :meth:`forward` blends into the level scores."""
+        q, ctx_keys = self._context_input(q, k)
         out = {}
         if "local" in self.aligned_levels:
             attended, _ = cross_attention(q["units"], q["mask"], k["units"], k["mask"], self.smooth)
             out["local"] = mean_alignment(attended, q["units"], q["mask"])
         if "context" in self.aligned_levels:
             ctx_mask = torch.ones_like(q["context"][..., 0], dtype=torch.bool)
-            attended, _ = cross_attention(q["context"], ctx_mask, k["units"], k["mask"], self.smooth)
+            attended, _ = cross_attention(q["context"], ctx_mask, ctx_keys, k["mask"], self.smooth)
             out["context"] = mean_alignment(attended, q["context"], ctx_mask)
         return out
 
@@ -372,13 +383,14 @@ class StreamHead(nn.Module):
         """The alignment score of every level that has one, for every (image, text) combination of
         the given items: {level: [n_images, n_texts]} (the training batch's contrastive term)."""
         images_first = self.stream == "i2t"
+        q, ctx_keys = self._context_input(q, k)
         out = {}
         if "local" in self.aligned_levels:
             out["local"] = attended_cosine_grid(q["units"], q["mask"], k["units"], k["mask"], self.smooth,
                                                 images_first)
         if "context" in self.aligned_levels:
             ctx_mask = torch.ones_like(q["context"][..., 0], dtype=torch.bool)
-            out["context"] = attended_cosine_grid(q["context"], ctx_mask, k["units"], k["mask"], self.smooth,
+            out["context"] = attended_cosine_grid(q["context"], ctx_mask, ctx_keys, k["mask"], self.smooth,
                                                   images_first)
         return out
 

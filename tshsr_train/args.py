@@ -67,6 +67,7 @@ class TrainArgs:
     alignment_weight: float = 0.0  # InfoNCE on each level's alignment score, within groups of captions
     alignment_joint: float = 0.0  # InfoNCE on the mean of the cosine and every alignment score
     alignment_chunk: int = 32
+    context_detach: bool = False  # the context level trains without gradient into the unit vectors
     alignment_levels: str = "all"  # "local": the InfoNCE skips the context level's alignment
     contrastive_weight: float = 1.0
     finetune_text: bool = False
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-skip", action="store_true",
                    help="the reasoning graph also links the local and global levels directly, so the context "
                         "level is a path beside local -> global instead of the only one")
+    g.add_argument("--context-detach", action="store_true",
+                   help="training only: the context level reads the unit vectors without gradient, so it "
+                        "trains its own queries and nodes but never pulls on the units the local level aligns")
     g.add_argument("--finetune-text", action="store_true")
     g.add_argument("--finetune-image", action="store_true")
     g.add_argument("--text-lr-mult", type=float, default=d.text_lr_mult)

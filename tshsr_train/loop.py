@@ -328,6 +328,10 @@ def _start(args: TrainArgs) -> _Run:
             vocabulary = Vocabulary.build(train_split.captions)
         config = build_config(args, vocabulary)
     model = TSHSRModel(config, vocabulary=vocabulary).to(device)
+    if args.context_detach:
+        if not model.has_context:
+            raise SystemExit("--context-detach needs a preset with the context level (tshsr, t2i, i2t)")
+        model.detach_context_units = True
     model.train()
     progress = args.progress and rank == 0
     train_source = BatchSource(model, train_split, args.cache_dir, progress)
