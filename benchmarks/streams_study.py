@@ -56,6 +56,9 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "detach": ("fixed-aux-align-nce with --context-detach: the context level reads the unit vectors without gradient "
                "(it trains its queries and nodes, never the units the local level aligns)",
                ["--preset", "tshsr", *ALIGN_NCE, "--context-detach"]),
+    "detach-skip": ("detach + --context-skip: with the units no longer pulled by the context level, does the global "
+                    "node also need the local nodes directly (flat's global part alone is still 4-7 RSUM stronger)?",
+                    ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip"]),
     "skip": ("fixed-aux-align-nce with --context-skip: the reasoning also links local and global directly, so the "
              "context level is a path beside local -> global instead of a bottleneck between them",
              ["--preset", "tshsr", *ALIGN_NCE, "--context-skip"]),
