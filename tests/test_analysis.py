@@ -299,7 +299,7 @@ def test_context_detach_keeps_scores_and_cuts_the_context_gradient_into_units(ma
         feats = (model.image_features(regions[:3]), model.text_features(captions[:3]))
 
     def run(detach: bool, part: str):
-        model.detach_context_units = detach
+        model.head_kind.set_context_detach(model, detach)
         model.zero_grad()
         images, texts = model.encode_image_features(*feats[0]), model.encode_text_features(*feats[1])
         if part == "score":
@@ -320,4 +320,4 @@ def test_context_detach_keeps_scores_and_cuts_the_context_gradient_into_units(ma
         torch.testing.assert_close(detached_scores, scores)
         assert detached_units_grad == 0  # nothing reaches the unit vectors
         assert queries_grad > 0  # the context queries still learn
-    model.detach_context_units = False
+    model.head_kind.set_context_detach(model, False)

@@ -272,3 +272,11 @@ def test_finetuned_image_batches_come_from_the_loader_and_resume_mid_epoch(tmp_p
     for key in loader:
         assert torch.equal(loader[key], inline[key]), key
         torch.testing.assert_close(resumed[key], loader[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_context_detach_trains_and_is_refused_without_a_context_level(data, tmp_path):
+    result = run(train_cmd(data, tmp_path / "run", "--epochs", "1", "--preset", "tshsr", "--level-cosine",
+                           "--alignment-weight", "1.0", "--context-detach", "--max-steps", "3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    flat = run(train_cmd(data, tmp_path / "flat", "--epochs", "1", "--preset", "flat", "--context-detach"))
+    assert flat.returncode != 0 and "--context-detach needs a preset with the context level" in flat.stderr

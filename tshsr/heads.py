@@ -254,7 +254,7 @@ class StreamHead(nn.Module):
                                                skip=config.context_skip)
         # Starts leaning on the cosine of the contrastive global vectors: it learns fastest.
         self.cosine_mix = nn.Parameter(torch.tensor(2.0)) if self.global_cosine else None
-        self.detach_context_units = False  # set through TSHSRModel.detach_context_units (training only)
+        self.detach_context_units = False  # set through HeadKind.set_context_detach (training only)
         if config.level_fusion == "learned":
             self.level_logits = nn.Parameter(torch.zeros(len(self.levels)))
         # The local and context levels also carry SCAN's alignment score (the mean cosine of each

@@ -77,7 +77,7 @@ class TSHSRModel(
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
         self.head_kind = get_head(config.head)
         self.has_context = self.head_kind.has_context(config)
-        self._detach_context_units = False
+        self._detach_context_units = False  # training only: see HeadKind.set_context_detach
         if self.has_context:
             self.image_context_queries = nn.Parameter(torch.randn(config.context_units_image, D) / math.sqrt(D))
             self.text_context_queries = nn.Parameter(torch.randn(config.context_units_text, D) / math.sqrt(D))
@@ -136,28 +136,15 @@ class TSHSRModel(
         return self.text_backbone(tok["input_ids"], tok["attention_mask"], tok["word_mask"])
 
     # Trainable per-side encoding (tshsr.encoding.encode_side) ----------------------------------
-    @property
-    def detach_context_units(self) -> bool:
-        """Training only (``train.py --context-detach``): the context level reads the unit vectors
-        without gradient, so it trains its own queries and nodes but never pulls on the units the
-        local level aligns. Scores are unchanged; the flag is not saved with the model."""
-        return self._detach_context_units
-
-    @detach_context_units.setter
-    def detach_context_units(self, value: bool) -> None:
-        self._detach_context_units = bool(value)
-        for head in getattr(self, "streams", {}).values():
-            head.detach_context_units = bool(value)
-
     def encode_image_features(self, regions: torch.Tensor, mask: torch.Tensor) -> ImageEncoding:
         return encode_side(regions.float(), mask, self.image_proj, self.image_pool, self.image_embed,
                            self.image_context_queries if self.has_context else None, ImageEncoding,
-                           detach_context=self.detach_context_units)
+                           detach_context=self._detach_context_units)
 
     def encode_text_features(self, tokens: torch.Tensor, mask: torch.Tensor) -> TextEncoding:
         return encode_side(tokens.float(), mask, self.text_proj, self.text_pool, self.text_embed,
                            self.text_context_queries if self.has_context else None, TextEncoding,
-                           detach_context=self.detach_context_units)
+                           detach_context=self._detach_context_units)
 
     # Public encoding ---------------------------------------------------------------------------
     @torch.no_grad()

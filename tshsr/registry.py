@@ -79,6 +79,13 @@ class HeadKind:
         """The weight of each contribution (its score = weight x level score)."""
         return {k: torch.tensor(1.0) for k in self.contribution_keys(model.config)}
 
+    def set_context_detach(self, model, value: bool) -> None:
+        """Training only (``train.py --context-detach``): the context level reads the unit vectors
+        (its membership, its units and the keys it attends over) without gradient, so it trains its
+        own queries and nodes but never pulls on the units the local level aligns. Scores are
+        unchanged; the flag is not saved with the model."""
+        model._detach_context_units = bool(value)
+
     def alignment_scores(self, model, img: dict, txt: dict, pairs: bool = False) -> dict[str, torch.Tensor]:
         """{"<stream>/<level>": [n_images, n_texts]} alignment scores of every combination of the
         given items, for the levels that carry one ({} for heads without); ``pairs=True``: of the
@@ -133,6 +140,11 @@ class TwoStreamHierarchicalHead(HeadKind):
             values = head.alignment_pairs(q, k) if pairs else head.alignment_grid(q, k)
             out.update({f"{stream}/{level}": v for level, v in values.items()})
         return out
+
+    def set_context_detach(self, model, value: bool) -> None:
+        super().set_context_detach(model, value)
+        for head in model.streams.values():
+            head.detach_context_units = bool(value)
 
     def mixing_weights(self, model) -> dict[str, torch.Tensor]:
         fusion = self.stream_weights(model)

@@ -331,7 +331,7 @@ def _start(args: TrainArgs) -> _Run:
     if args.context_detach:
         if not model.has_context:
             raise SystemExit("--context-detach needs a preset with the context level (tshsr, t2i, i2t)")
-        model.detach_context_units = True
+        model.head_kind.set_context_detach(model, True)
     model.train()
     progress = args.progress and rank == 0
     train_source = BatchSource(model, train_split, args.cache_dir, progress)
