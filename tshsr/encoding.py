@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from .heads import l2norm, masked_softmax
+from .heads import context_units, l2norm, masked_softmax
 from .io import release_free_memory
 
 
@@ -131,11 +131,6 @@ class ImageEncoding(Encoding):
 
 class TextEncoding(Encoding):
     """Encoding of captions (units are words)."""
-
-
-def context_units(units: torch.Tensor, membership: torch.Tensor) -> torch.Tensor:
-    """[N, C, D] context units: the membership-weighted mean of the units, L2-normalised."""
-    return l2norm(torch.bmm(membership, units), fresh=True)
 
 
 def _with_context(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -117,6 +117,11 @@ def mean_alignment(attended: torch.Tensor, queries: torch.Tensor, mask: torch.Te
     return unit_alignment(attended, queries, mask).sum(-1) / mask.to(attended.dtype).sum(-1).clamp(min=1)
 
 
+def context_units(units: torch.Tensor, membership: torch.Tensor) -> torch.Tensor:
+    """[N, C, D] context units: the membership-weighted mean of the units, L2-normalised."""
+    return l2norm(torch.bmm(membership, units), fresh=True)
+
+
 class SimilarityNodes(nn.Module):
     """Similarity vector of two aligned vectors: l2norm(W (x - y)^2), as in SGRAF."""
 
@@ -268,7 +273,7 @@ class StreamHead(nn.Module):
         ``detach_context_units``, q's context units are rebuilt from detached unit vectors and the
         keys are detached: same values, no gradient from the context level into any unit vector."""
         if self.detach_context_units and torch.is_grad_enabled() and q.get("membership") is not None:
-            return {**q, "context": l2norm(torch.bmm(q["membership"], q["units"].detach()))}, k["units"].detach()
+            return {**q, "context": context_units(q["units"].detach(), q["membership"])}, k["units"].detach()
         return q, k["units"]
 
     def level_weights(self) -> torch.Tensor:
