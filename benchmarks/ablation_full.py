@@ -7,12 +7,14 @@ captions) and evaluated on all of validation (1,000 images, 5,000 captions), see
 Two instances may run at once on different presets (one core each): each appends its own lines
 and rewrites the table from the file.
 
-Every preset uses the same recipe (RECIPE below, the one chosen in the streams study of
-docs/RESULTS.md) and the same frozen encoders. dual, t2i, i2t, flat and tshsr get 3 seeds; sgr
-and saf one (``--sgraf-seeds``). A run that is killed continues with ``--resume`` the next time
-the script starts; each finished run appends one JSON line to
+Every preset trains with the recipe the streams study of docs/RESULTS.md chose (``recipe(preset)``
+below) and the same frozen encoders. dual, t2i, i2t, flat and tshsr get 3 seeds; sgr and saf one
+(``--sgraf-seeds``). A run that is killed continues with ``--resume`` the next time the script
+starts; each finished run appends one JSON line (with the recipe it trained with) to
 benchmarks/results/ablation_full.jsonl, and the "ablation_full" section of docs/RESULTS.md is
-rewritten from those lines after every run (``--summarize-only`` just rewrites it).
+rewritten from those lines after every run (``--summarize-only`` just rewrites it). When the
+chosen recipe changes, only the presets whose flags change are retrained (in their own run
+folders); the table of the earlier recipe stays in the section below the current one.
 """
 
 from __future__ import annotations
@@ -26,17 +28,35 @@ import time
 from pathlib import Path
 
 from results_md import git_commit, machine, write_section
-from streams_study import ALIGN_NCE
+from streams_study import ALIGN_NCE, _wall_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "ablation_full.jsonl"
 PRESETS = ["dual", "t2i", "i2t", "flat", "tshsr", "sgr", "saf"]
 BUDGET = ["--epochs", "4", "--lr-update", "3", "--batch-size", "128", "--embed-dim", "256", "--sim-dim", "128",
           "--val-rerank-k", "20"]
-# The recipe of the streams study (benchmarks/streams_study.py, "fixed-aux-align-nce"), for every preset with
-# TSHSR streams and levels; dual, sgr and saf have no levels to fuse or align and train with the budget alone.
-RECIPE = ALIGN_NCE
-NO_LEVELS = ("dual", "sgr", "saf")
+NO_LEVELS = ("dual", "sgr", "saf")  # no levels to fuse or align: the budget alone
+WITH_CONTEXT = ("t2i", "i2t", "tshsr")  # --context-detach and --context-skip need a context level
+# The recipes, newest first. Each maps a preset to the flags it trains with beside BUDGET.
+#   v4: the streams study's "detach" (benchmarks/streams_study.py): fixed-aux-align-nce + --context-detach on every
+#       preset with a context level; flat has none, so it keeps v3's flags (and its runs).
+#   v3: the streams study's "fixed-aux-align-nce" on every preset with levels.
+ROUNDS: list[tuple[str, dict[str, list[str]]]] = [
+    ("v4", {**{p: [*ALIGN_NCE, "--context-detach"] for p in WITH_CONTEXT}, "flat": ALIGN_NCE}),
+    ("v3", {p: ALIGN_NCE for p in ("t2i", "i2t", "flat", "tshsr")}),
+]
+# Flags that name a run folder beside the preset, so that runs of different recipes never share one.
+FOLDER_TAGS = {"--context-detach": "detach", "--context-skip": "skip"}
+
+
+def recipe(preset: str, round_: str = ROUNDS[0][0]) -> list[str]:
+    """The flags ``preset`` trains with (beside BUDGET) in the recipe round ``round_``."""
+    return dict(ROUNDS)[round_].get(preset, [])
+
+
+def run_folder(runs: Path, preset: str, seed: int, flags: list[str]) -> Path:
+    tags = "".join(f"-{tag}" for flag, tag in FOLDER_TAGS.items() if flag in flags)
+    return runs / f"{preset}{tags}-s{seed}"
 
 
 def load_records(path: Path = STORE) -> list[dict]:
@@ -46,24 +66,26 @@ def load_records(path: Path = STORE) -> list[dict]:
 
 
 def run_one(preset: str, seed: int, data_dir: str, runs: Path, threads: int | None) -> dict:
-    out = runs / f"{preset}-s{seed}"
+    flags = recipe(preset)
+    out = run_folder(runs, preset, seed, flags)
     cmd = [sys.executable, "train.py", "--dataset", "flickr8k", "--data-dir", data_dir, "--split-val", "validation",
-           "--output-dir", str(out), "--preset", preset, "--seed", str(seed), "--no-progress", *BUDGET,
-           *([] if preset in NO_LEVELS else RECIPE)]
+           "--output-dir", str(out), "--preset", preset, "--seed", str(seed), "--no-progress", *BUDGET, *flags]
     if threads:
         cmd += ["--threads", str(threads)]
     if (out / "checkpoint").exists() and not (out / "train_args.json").exists():
         cmd.append("--resume")
     start = time.time()
-    if not (out / "train_args.json").exists():  # a finished run (e.g. the streams study's) is only read
+    if (out / "train_args.json").exists():  # a finished run (e.g. the streams study's) is only read
+        seconds = _wall_seconds(out)
+    else:
         subprocess.run(cmd, cwd=ROOT, check=True)
-    seconds = round(time.time() - start)
+        seconds = round(time.time() - start)
     if (out / "wall_seconds.txt").exists():
         seconds = int((out / "wall_seconds.txt").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     history = [json.loads(x)["validation"]["rsum"] for x in (out / "log.jsonl").read_text().splitlines()
                if '"validation"' in x and json.loads(x).get("validation")]
-    return {"preset": preset, "seed": seed, "recipe": " ".join(RECIPE), "budget": " ".join(BUDGET),
+    return {"preset": preset, "seed": seed, "recipe": " ".join(flags), "budget": " ".join(BUDGET),
             "metrics": {k: metrics[k] for k in ("i2t", "t2i", "rsum", "protocol", "n_images", "n_captions")},
             "rsum_by_epoch": history, "train_seconds": seconds, "threads": threads,
             "commit": git_commit(), "command": " ".join(["python", *cmd[1:]])}
@@ -74,17 +96,20 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.1f}" + (f" ± {(max(values) - min(values)) / 2:.1f}" if len(values) > 1 else "")
 
 
-def summarize(records: list[dict]) -> str:
-    recipe = " ".join(RECIPE)
-    mine = [r for r in records if r["recipe"] == recipe]
+def _matches(record: dict, round_: str) -> bool:
+    return record["recipe"] == " ".join(recipe(record["preset"], round_))
+
+
+def _round_table(records: list[dict], round_: str) -> list[str]:
+    """The results table and the seed-by-seed claims of one recipe round."""
+    mine = [r for r in records if _matches(r, round_)]
     by = {(r["preset"], r["seed"]): r for r in mine}
-    lines = ["## Decisive ablation: full Flickr8k (6,000 training images, validation 1,000 images / 5,000 captions)",
-             "",
-             f"Written by `python benchmarks/ablation_full.py` from benchmarks/results/ablation_full.jsonl. Machine: "
-             f"{machine(threads=False)}. Budget `{' '.join(BUDGET)}`, recipe `{recipe}` for every preset with TSHSR "
-             "levels (dual, sgr and saf: the budget alone), frozen "
-             "EfficientNet-Lite0 grid + all-MiniLM-L6-v2 tokens; the best epoch by validation RSUM is kept "
-             "(protocol: cosine shortlist + rerank top-20 for every model). Mean ± half the range over seeds.", "",
+    flags = dict(ROUNDS)[round_]
+    groups: dict[str, list[str]] = {}
+    for preset, f in flags.items():
+        groups.setdefault(" ".join(f), []).append(preset)
+    lines = ["Recipe per preset: " + "; ".join(f"{', '.join(ps)}: `{r}`" for r, ps in groups.items())
+             + f"; {', '.join(p for p in PRESETS if p not in flags)}: the budget alone.", "",
              "| model | seeds | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM | RSUM per seed |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for preset in PRESETS:
@@ -113,9 +138,23 @@ def summarize(records: list[dict]) -> str:
         verdict = ("not decided yet (tshsr ahead on fewer than 3 paired seeds)" if held is None
                    else "HELD" if held else "NOT held (tshsr is not ahead on every paired seed)")
         lines.append(f"- {claim}: {verdict}" + (f" — {', '.join(text)}" if text else ""))
-    other = [r for r in records if r["recipe"] != recipe]
+    return lines
+
+
+def summarize(records: list[dict]) -> str:
+    lines = ["## Decisive ablation: full Flickr8k (6,000 training images, validation 1,000 images / 5,000 captions)",
+             "",
+             f"Written by `python benchmarks/ablation_full.py` from benchmarks/results/ablation_full.jsonl. Machine: "
+             f"{machine(threads=False)}. Budget `{' '.join(BUDGET)}`, frozen EfficientNet-Lite0 grid + "
+             "all-MiniLM-L6-v2 tokens; the best epoch by validation RSUM is kept (protocol: cosine shortlist + rerank "
+             "top-20 for every model). Mean ± half the range over seeds. A run that trains with the same flags in two "
+             "recipes (dual, sgr, saf; flat in v3 and v4) is trained once and counted in both tables."]
+    for i, (round_, _) in enumerate(ROUNDS):
+        title = "current recipe, chosen by the streams study" if i == 0 else "earlier recipe, kept for comparison"
+        lines += ["", f"### Recipe {round_} ({title})", "", *_round_table(records, round_)]
+    other = [r for r in records if not any(_matches(r, name) for name, _ in ROUNDS)]
     if other:
-        lines += ["", f"{len(other)} older records with another recipe are kept in the JSONL file but not in this table."]
+        lines += ["", f"{len(other)} records with another recipe are kept in the JSONL file but in neither table."]
     return "\n".join(lines)
 
 
@@ -130,14 +169,13 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (speed only)")
     args = p.parse_args()
     records = load_records()
-    recipe = " ".join(RECIPE)
     if not args.summarize_only:
         # Seed-major order: a complete paired comparison lands as early as possible.
         for seed in args.seeds:
             for preset in args.presets:
                 if preset in ("sgr", "saf") and seed not in args.sgraf_seeds:
                     continue
-                if any(r["preset"] == preset and r["seed"] == seed and r["recipe"] == recipe for r in records):
+                if any(r["preset"] == preset and r["seed"] == seed and _matches(r, ROUNDS[0][0]) for r in records):
                     continue
                 record = run_one(preset, seed, args.data_dir, Path(args.runs), args.threads)
                 STORE.parent.mkdir(parents=True, exist_ok=True)
