@@ -38,10 +38,13 @@ BUDGET = ["--epochs", "4", "--lr-update", "3", "--batch-size", "128", "--embed-d
 NO_LEVELS = ("dual", "sgr", "saf")  # no levels to fuse or align: the budget alone
 WITH_CONTEXT = ("t2i", "i2t", "tshsr")  # --context-detach and --context-skip need a context level
 # The recipes, newest first. Each maps a preset to the flags it trains with beside BUDGET.
+#   v5: the streams study's "detach-skip": v4 + --context-skip (the reasoning also links local and global directly)
+#       on every preset with a context level; flat keeps v3's flags (it links them directly already).
 #   v4: the streams study's "detach" (benchmarks/streams_study.py): fixed-aux-align-nce + --context-detach on every
 #       preset with a context level; flat has none, so it keeps v3's flags (and its runs).
 #   v3: the streams study's "fixed-aux-align-nce" on every preset with levels.
 ROUNDS: list[tuple[str, dict[str, list[str]]]] = [
+    ("v5", {**{p: [*ALIGN_NCE, "--context-detach", "--context-skip"] for p in WITH_CONTEXT}, "flat": ALIGN_NCE}),
     ("v4", {**{p: [*ALIGN_NCE, "--context-detach"] for p in WITH_CONTEXT}, "flat": ALIGN_NCE}),
     ("v3", {p: ALIGN_NCE for p in ("t2i", "i2t", "flat", "tshsr")}),
 ]
@@ -148,7 +151,7 @@ def summarize(records: list[dict]) -> str:
              f"{machine(threads=False)}. Budget `{' '.join(BUDGET)}`, frozen EfficientNet-Lite0 grid + "
              "all-MiniLM-L6-v2 tokens; the best epoch by validation RSUM is kept (protocol: cosine shortlist + rerank "
              "top-20 for every model). Mean ± half the range over seeds. A run that trains with the same flags in two "
-             "recipes (dual, sgr, saf; flat in v3 and v4) is trained once and counted in both tables."]
+             "recipes (dual, sgr, saf; flat in every round) is trained once and counted in both tables."]
     for i, (round_, _) in enumerate(ROUNDS):
         title = "current recipe, chosen by the streams study" if i == 0 else "earlier recipe, kept for comparison"
         lines += ["", f"### Recipe {round_} ({title})", "", *_round_table(records, round_)]

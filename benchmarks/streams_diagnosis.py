@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -35,6 +36,19 @@ def load_records(path: Path = STORE) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def store_record(record: dict, path: Path = STORE) -> list[dict]:
+    """Add ``record`` to the file (replacing one of the same name and protocol) and return all records.
+    The file is read again just before the write, so that records another study process stored while
+    this one diagnosed are kept, and it is replaced atomically."""
+    records = [r for r in load_records(path) if not (r["name"] == record["name"] and r["protocol"] == record["protocol"])]
+    records.append(record)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+    return records
 
 
 def diagnose(name: str, model_dir: Path, data_dir: str, rerank_k: int | None, cache_dir: str) -> dict:
@@ -130,9 +144,7 @@ def main() -> None:
             print(f"{name}: already recorded ({protocol})")
             continue
         record = diagnose(name, model_dir, args.data_dir, rerank_k, args.cache_dir)
-        records = [r for r in records if not (r["name"] == name and r["protocol"] == protocol)] + [record]
-        STORE.parent.mkdir(parents=True, exist_ok=True)
-        STORE.write_text("".join(json.dumps(r) + "\n" for r in records))
+        records = store_record(record)
         print(json.dumps({k: v["rsum"] for k, v in record["metrics"].items()}, indent=1))
     write_section("streams", summarize(records))
 

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from results_md import write_section
-from streams_diagnosis import STORE, diagnose, load_records
+from streams_diagnosis import diagnose, load_records, store_record
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = ["--epochs", "4", "--lr-update", "3", "--batch-size", "128", "--embed-dim", "256", "--sim-dim", "128"]
@@ -59,6 +59,11 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "detach-skip": ("detach + --context-skip: with the units no longer pulled by the context level, does the global "
                     "node also need the local nodes directly (flat's global part alone is still 4-7 RSUM stronger)?",
                     ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip"]),
+    "detach-skip-noaux": ("detach-skip without the hinges on each stream and each part alone (--aux-stream-weight 0 "
+                          "--aux-level-weight 0): only the sum is ranked, so the parts may specialise instead of each "
+                          "becoming a whole ranker (removing one of six redundant rankers costs little)",
+                          ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip", "--aux-stream-weight",
+                           "0", "--aux-level-weight", "0"]),
     "skip": ("fixed-aux-align-nce with --context-skip: the reasoning also links local and global directly, so the "
              "context level is a path beside local -> global instead of a bottleneck between them",
              ["--preset", "tshsr", *ALIGN_NCE, "--context-skip"]),
@@ -171,10 +176,9 @@ def main() -> int:
             out, _ = train(recipe_name, seed, args.data_dir, args.threads)
             if not recipe_name.startswith("dual") and not any(r["name"] == run_name and r["protocol"] == f"rerank-{PROTOCOL_K}"
                                                  for r in records):
-                records = load_records()  # other study processes may have added theirs meanwhile
-                records = [r for r in records if r["name"] != run_name]
-                records.append(diagnose(run_name, out, args.data_dir, PROTOCOL_K, args.cache_dir))
-                STORE.write_text("".join(json.dumps(r) + "\n" for r in records))
+                # Stored after the diagnosis (minutes), re-reading the file: another study process may have
+                # stored its own record meanwhile.
+                records = store_record(diagnose(run_name, out, args.data_dir, PROTOCOL_K, args.cache_dir))
             write_section("streams_study", summarize(load_records(), runs + on_disk()))
     write_section("streams_study", summarize(load_records(), runs + on_disk()))
     return 0
