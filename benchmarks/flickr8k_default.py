@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from streams_study import BUDGET, RECIPES, _wall_seconds  # noqa: E402
 
 # The default model trains with the recipe the streams study chose (benchmarks/streams_study.py),
 # at the study's budget; the dual encoder is its baseline at the same budget.
-DEFAULT_RECIPE = "detach"
+DEFAULT_RECIPE = "detach-skip"
 COMMON = ["--dataset", "flickr8k", "--split-val", "validation", *BUDGET, "--seed", "0", "--no-progress"]
 RUNS = {
     "tshsr": RECIPES[DEFAULT_RECIPE][1],
@@ -58,6 +59,25 @@ def evaluate(model_dir: Path, data_dir: str, rerank_k: int | None) -> dict:
             cmd += ["--rerank-k", str(rerank_k)]
         subprocess.run(cmd, cwd=ROOT, check=True)
     return json.loads(output.read_text())
+
+
+def ship_card(run: Path, target: Path) -> None:
+    """The shipped model's card, written again for its new folder (the run's card names the run's
+    folder in its loading example) from the run's settings, kept metrics and validation history."""
+    from tshsr_train.args import TrainArgs
+    from tshsr_train.loop import write_model_card
+
+    settings = json.loads((run / "train_args.json").read_text())
+    args = TrainArgs(**{k: v for k, v in settings.items() if k in TrainArgs.__dataclass_fields__})
+    rsum = {r["epoch"]: r["validation"]["rsum"]  # an epoch validated again after a resume: its last value
+            for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r.get("validation")}
+    history = [{"epoch": e, "rsum": v} for e, v in sorted(rsum.items())]
+    cwd = Path.cwd()
+    try:
+        os.chdir(ROOT)  # the card names the folder relative to the repository: checkpoints/tshsr-flickr8k
+        write_model_card(target, args, json.loads((run / "metrics.json").read_text()), history)
+    finally:
+        os.chdir(cwd)
 
 
 def row(name: str, m: dict, protocol: str) -> str:
@@ -98,6 +118,7 @@ def main() -> int:
         src = runs / "f8k-tshsr" / f
         if src.exists():
             shutil.copy2(src, target / f)
+    ship_card(runs / "f8k-tshsr", target)
 
     body = [
         "## Default model and dual-encoder baseline (Flickr8k validation, 1,000 images / 5,000 captions)",

@@ -278,5 +278,7 @@ def test_context_detach_trains_and_is_refused_without_a_context_level(data, tmp_
     result = run(train_cmd(data, tmp_path / "run", "--epochs", "1", "--preset", "tshsr", "--level-cosine",
                            "--alignment-weight", "1.0", "--context-detach", "--max-steps", "3"))
     assert result.returncode == 0, result.stderr[-3000:]
+    card = (tmp_path / "run" / "README.md").read_text()  # the card says how it was trained
+    assert "recipe (flags off the trainer's defaults): `--level-cosine --alignment-weight 1.0 --context-detach`" in card
     flat = run(train_cmd(data, tmp_path / "flat", "--epochs", "1", "--preset", "flat", "--context-detach"))
     assert flat.returncode != 0 and "--context-detach needs a preset with the context level" in flat.stderr

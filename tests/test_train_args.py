@@ -39,6 +39,21 @@ def test_given_holds_only_the_flags_on_the_command_line() -> None:
     assert TrainArgs(embed_dim=64, preset="dual").given_fields() == {"embed_dim", "preset"}
 
 
+def test_recipe_flags_replay_the_recipe_of_a_run() -> None:
+    """The model card's recipe line: the loss and fusion flags off their defaults, which parse back
+    to the same settings; data, budget and machine flags are not part of it."""
+    argv = ["--stream-fusion", "equal", "--aux-level-weight", "0.5", "--level-cosine", "--context-detach",
+            "--alignment-weight", "1.0", "--epochs", "4", "--threads", "1", "--data-dir", "d"]
+    args = parse_args(argv)
+    flags = args.recipe_flags()
+    assert flags == ["--aux-level-weight", "0.5", "--stream-fusion", "equal", "--level-cosine",
+                     "--alignment-weight", "1.0", "--context-detach"]
+    replayed = parse_args(flags)
+    assert all(getattr(replayed, f.name) == getattr(args, f.name) for f in dataclasses.fields(TrainArgs)
+               if f.name not in ("epochs", "threads", "data_dir", "given"))
+    assert TrainArgs().recipe_flags() == []
+
+
 def test_resume_check_compares_fields_not_flags(tmp_path) -> None:
     """The checkpoint's config against the one the given flags would build, field by field: a
     value equal to the checkpoint's passes, fields filled in from a backbone are not compared."""

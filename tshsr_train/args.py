@@ -28,6 +28,15 @@ Examples:
 """
 
 
+# The settings that make a training recipe (beside data, budget and machine): the model card lists
+# those a run changed.
+RECIPE_FIELDS = ("warmup_epochs", "margin", "grad_clip", "hard_negatives", "random_negatives", "aux_stream_weight",
+                 "aux_level_weight", "mine_pool", "stream_fusion", "level_fusion", "level_cosine", "context_skip",
+                 "alignment_weight", "alignment_joint", "alignment_chunk", "context_detach", "alignment_levels",
+                 "contrastive_weight", "finetune_text", "finetune_image", "text_lr_mult", "image_lr_mult",
+                 "fusion_lr_mult")
+
+
 @dataclass
 class TrainArgs:
     dataset: str = "imagefolder"
@@ -104,6 +113,18 @@ class TrainArgs:
         defaults = TrainArgs()
         return {f for f in self.__dataclass_fields__ if f not in ("given", "extra")
                 and getattr(self, f) != getattr(defaults, f)}
+
+    def recipe_flags(self) -> list[str]:
+        """The loss, fusion and fine-tuning flags that differ from the trainer's defaults, as the
+        command line would give them (the model card's recipe line)."""
+        defaults, flags = TrainArgs(), []
+        for name in RECIPE_FIELDS:
+            value = getattr(self, name)
+            if value == getattr(defaults, name):
+                continue
+            flag = "--" + name.replace("_", "-")
+            flags += [flag] if value is True else [flag, str(value)]  # every switch here defaults to off
+        return flags
 
     def loss_settings(self) -> LossSettings:
         """The loss weights and negative mining of these settings (fields of the same names)."""
