@@ -282,6 +282,9 @@ def test_alignment_loss_can_leave_the_context_level_out(make_model, regions, cap
     expected = (contrastive_loss(aligned["i2t/local"], positive, scale)
                 + contrastive_loss(aligned["t2i/local"], positive, scale)) / 2
     torch.testing.assert_close(out["alignment"], expected)
+    only_local = model.head_kind.alignment_scores(model, head_inputs(images, torch.arange(4)),
+                                                  head_inputs(texts, torch.arange(4)), levels=("local",))
+    assert set(only_local) == {"i2t/local", "t2i/local"}  # the context grid is not computed at all
     # The context queries then get no gradient from this term.
     model.zero_grad()
     out["alignment"].backward()

@@ -384,16 +384,18 @@ class StreamHead(nn.Module):
             out["context"] = mean_alignment(attended, q["context"], ctx_mask)
         return out
 
-    def alignment_grid(self, q, k) -> dict[str, torch.Tensor]:
-        """The alignment score of every level that has one, for every (image, text) combination of
-        the given items: {level: [n_images, n_texts]} (the training batch's contrastive term)."""
+    def alignment_grid(self, q, k, levels: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """The alignment score of every level that has one (of ``levels`` only, when given), for
+        every (image, text) combination of the given items: {level: [n_images, n_texts]} (the
+        training batch's contrastive term)."""
         images_first = self.stream == "i2t"
+        wanted = [lv for lv in self.aligned_levels if levels is None or lv in levels]
         q, ctx_keys = self._context_input(q, k)
         out = {}
-        if "local" in self.aligned_levels:
+        if "local" in wanted:
             out["local"] = attended_cosine_grid(q["units"], q["mask"], k["units"], k["mask"], self.smooth,
                                                 images_first)
-        if "context" in self.aligned_levels:
+        if "context" in wanted:
             ctx_mask = torch.ones_like(q["context"][..., 0], dtype=torch.bool)
             out["context"] = attended_cosine_grid(q["context"], ctx_mask, ctx_keys, k["mask"], self.smooth,
                                                   images_first)

@@ -97,9 +97,8 @@ def alignment_loss(model, images, texts, positive: torch.Tensor, scale: torch.Te
         cols = torch.arange(start, min(start + chunk, positive.shape[1]), device=positive.device)
         rows = positive[:, cols].any(1).nonzero(as_tuple=True)[0]
         group = positive[rows][:, cols]
-        aligned = model.head_kind.alignment_scores(model, head_inputs(images, rows), head_inputs(texts, cols))
-        if levels is not None:
-            aligned = {k: v for k, v in aligned.items() if k.split("/")[1] in levels}
+        aligned = model.head_kind.alignment_scores(model, head_inputs(images, rows), head_inputs(texts, cols),
+                                                   levels=levels)
         if not aligned:
             return {}
         alone += [contrastive_loss(v, group, scale) for v in aligned.values()]

@@ -86,10 +86,11 @@ class HeadKind:
         unchanged; the flag is not saved with the model."""
         model._detach_context_units = bool(value)
 
-    def alignment_scores(self, model, img: dict, txt: dict, pairs: bool = False) -> dict[str, torch.Tensor]:
+    def alignment_scores(self, model, img: dict, txt: dict, pairs: bool = False,
+                         levels: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         """{"<stream>/<level>": [n_images, n_texts]} alignment scores of every combination of the
         given items, for the levels that carry one ({} for heads without); ``pairs=True``: of the
-        pairs (img[p], txt[p]), [P] each."""
+        pairs (img[p], txt[p]), [P] each. ``levels``: only these levels (combinations only)."""
         return {}
 
 
@@ -133,11 +134,11 @@ class TwoStreamHierarchicalHead(HeadKind):
             stream_scores[stream] = total
         return contributions, level_scores, stream_scores, maps
 
-    def alignment_scores(self, model, img, txt, pairs: bool = False) -> dict[str, torch.Tensor]:
+    def alignment_scores(self, model, img, txt, pairs: bool = False, levels=None) -> dict[str, torch.Tensor]:
         out = {}
         for stream, head in model.streams.items():
             q, k = (img, txt) if stream == "i2t" else (txt, img)
-            values = head.alignment_pairs(q, k) if pairs else head.alignment_grid(q, k)
+            values = head.alignment_pairs(q, k) if pairs else head.alignment_grid(q, k, levels)
             out.update({f"{stream}/{level}": v for level, v in values.items()})
         return out
 
