@@ -64,6 +64,10 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                           "becoming a whole ranker (removing one of six redundant rankers costs little)",
                           ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip", "--aux-stream-weight",
                            "0", "--aux-level-weight", "0"]),
+    "detach-skip-units": ("detach-skip with fewer context units (--context-units 3 2 instead of 6 and 4): "
+                          "fewer, broader groups, each averaged over more units",
+                          ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip", "--context-units",
+                           "3", "2"]),
     "skip": ("fixed-aux-align-nce with --context-skip: the reasoning also links local and global directly, so the "
              "context level is a path beside local -> global instead of a bottleneck between them",
              ["--preset", "tshsr", *ALIGN_NCE, "--context-skip"]),

@@ -276,9 +276,13 @@ def test_finetuned_image_batches_come_from_the_loader_and_resume_mid_epoch(tmp_p
 
 def test_context_detach_trains_and_is_refused_without_a_context_level(data, tmp_path):
     result = run(train_cmd(data, tmp_path / "run", "--epochs", "1", "--preset", "tshsr", "--level-cosine",
-                           "--alignment-weight", "1.0", "--context-detach", "--max-steps", "3"))
+                           "--alignment-weight", "1.0", "--context-detach", "--context-units", "3", "2",
+                           "--max-steps", "3"))
     assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["context_units_image"], config["context_units_text"]) == (3, 2)
     card = (tmp_path / "run" / "README.md").read_text()  # the card says how it was trained
-    assert "recipe (flags off the trainer's defaults): `--level-cosine --alignment-weight 1.0 --context-detach`" in card
+    assert ("recipe (flags off the trainer's defaults): `--level-cosine --context-units 3 2 --alignment-weight 1.0 "
+            "--context-detach`") in card
     flat = run(train_cmd(data, tmp_path / "flat", "--epochs", "1", "--preset", "flat", "--context-detach"))
     assert flat.returncode != 0 and "--context-detach needs a preset with the context level" in flat.stderr

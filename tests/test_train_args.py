@@ -52,6 +52,7 @@ def test_recipe_flags_replay_the_recipe_of_a_run() -> None:
     assert all(getattr(replayed, f.name) == getattr(args, f.name) for f in dataclasses.fields(TrainArgs)
                if f.name not in ("epochs", "threads", "data_dir", "given"))
     assert TrainArgs().recipe_flags() == []
+    assert parse_args(["--context-units", "3", "2"]).recipe_flags() == ["--context-units", "3", "2"]
 
 
 def test_resume_check_compares_fields_not_flags(tmp_path) -> None:

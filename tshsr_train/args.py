@@ -31,7 +31,7 @@ Examples:
 # The settings that make a training recipe (beside data, budget and machine): the model card lists
 # those a run changed.
 RECIPE_FIELDS = ("warmup_epochs", "margin", "grad_clip", "hard_negatives", "random_negatives", "aux_stream_weight",
-                 "aux_level_weight", "mine_pool", "stream_fusion", "level_fusion", "level_cosine", "context_skip",
+                 "aux_level_weight", "mine_pool", "stream_fusion", "level_fusion", "level_cosine", "context_skip", "context_units",
                  "alignment_weight", "alignment_joint", "alignment_chunk", "context_detach", "alignment_levels",
                  "contrastive_weight", "finetune_text", "finetune_image", "text_lr_mult", "image_lr_mult",
                  "fusion_lr_mult")
@@ -73,6 +73,7 @@ class TrainArgs:
     level_fusion: str = "learned"
     level_cosine: bool = False  # local/context levels also carry SCAN's alignment (attended cosine)
     context_skip: bool = False  # reasoning also links local and global directly (context beside, not between)
+    context_units: list | None = None  # [image, text] context units (None: the preset's 6 and 4)
     alignment_weight: float = 0.0  # InfoNCE on each level's alignment score, within groups of captions
     alignment_joint: float = 0.0  # InfoNCE on the mean of the cosine and every alignment score
     alignment_chunk: int = 32
@@ -123,7 +124,8 @@ class TrainArgs:
             if value == getattr(defaults, name):
                 continue
             flag = "--" + name.replace("_", "-")
-            flags += [flag] if value is True else [flag, str(value)]  # every switch here defaults to off
+            flags += ([flag] if value is True  # every switch here defaults to off
+                      else [flag, *map(str, value)] if isinstance(value, (list, tuple)) else [flag, str(value)])
         return flags
 
     def loss_settings(self) -> LossSettings:
@@ -213,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-skip", action="store_true",
                    help="the reasoning graph also links the local and global levels directly, so the context "
                         "level is a path beside local -> global instead of the only one")
+    g.add_argument("--context-units", type=int, nargs=2, metavar=("IMAGE", "TEXT"), default=d.context_units,
+                   help="context units (learned soft groups) over regions and over words (default: 6 and 4)")
     g.add_argument("--context-detach", action="store_true",
                    help="training only: the context level reads the unit vectors without gradient, so it "
                         "trains its own queries and nodes but never pulls on the units the local level aligns")

@@ -58,6 +58,8 @@ def build_config(args: TrainArgs, vocabulary: Vocabulary | None) -> TSHSRConfig:
                      finetune_text=args.finetune_text, finetune_image=args.finetune_image,
                      stream_fusion=args.stream_fusion, level_fusion=args.level_fusion,
                      level_cosine=args.level_cosine, context_skip=args.context_skip)
+    if args.context_units:
+        overrides.update(context_units_image=args.context_units[0], context_units_text=args.context_units[1])
     if args.dataset == "precomp":
         overrides.update(image_encoder="precomputed", image_feature_dim=args.image_feature_dim or 2048)
     if args.text_encoder == "bigru":
@@ -73,7 +75,7 @@ MODEL_FLAGS = {
     "image_weights": ("image_weights",), "text_model": ("text_model",), "text_encoder": ("text_encoder",),
     "finetune_text": ("finetune_text",), "finetune_image": ("finetune_image",),
     "stream_fusion": ("stream_fusion",), "level_fusion": ("level_fusion",), "level_cosine": ("level_cosine",),
-    "context_skip": ("context_skip",),
+    "context_skip": ("context_skip",), "context_units": ("context_units_image", "context_units_text"),
     "image_feature_dim": ("image_feature_dim",), "dataset": ("image_encoder",),
 }
 
