@@ -115,6 +115,12 @@ class TrainArgs:
         return {f for f in self.__dataclass_fields__ if f not in ("given", "extra")
                 and getattr(self, f) != getattr(defaults, f)}
 
+    def budget_text(self) -> str:
+        """Epochs, batch, learning rate and its schedule, seed: the model card's budget line."""
+        decay = (f", x0.1 after epoch {self.lr_update}" if self.lr_schedule == "step" and 0 < self.lr_update < self.epochs
+                 else "")
+        return f"epochs {self.epochs}, batch {self.batch_size}, lr {self.lr} ({self.lr_schedule}{decay}), seed {self.seed}"
+
     def recipe_flags(self) -> list[str]:
         """The loss, fusion and fine-tuning flags that differ from the trainer's defaults, as the
         command line would give them (the model card's recipe line)."""

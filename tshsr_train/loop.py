@@ -229,9 +229,7 @@ def write_model_card(directory: Path, args: TrainArgs, metrics: dict | None, his
     config = TSHSRConfig.load(directory)
     training = [f"data: `{_data_name(args)}` split `{args.train_split}`"
                 + (f" (first {args.max_train_images} images)" if args.max_train_images else ""),
-                f"epochs {args.epochs}, batch {args.batch_size}, lr {args.lr} ({args.lr_schedule}"
-                + (f", x0.1 after epoch {args.lr_update}" if args.lr_schedule == "step" and 0 < args.lr_update < args.epochs
-                   else "") + f"), seed {args.seed}"]
+                args.budget_text()]
     if args.recipe_flags():
         training.append(f"recipe (flags off the trainer's defaults): `{' '.join(args.recipe_flags())}`")
     local = args.dataset in ("imagefolder", "precomp") and args.data_dir
