@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from results_md import git_commit, machine, write_section
-from streams_study import ALIGN_NCE, _wall_seconds
+from streams_study import ALIGN_NCE, _history, _wall_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "ablation_full.jsonl"
@@ -86,8 +86,7 @@ def run_one(preset: str, seed: int, data_dir: str, runs: Path, threads: int | No
     if (out / "wall_seconds.txt").exists():
         seconds = int((out / "wall_seconds.txt").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
-    history = [json.loads(x)["validation"]["rsum"] for x in (out / "log.jsonl").read_text().splitlines()
-               if '"validation"' in x and json.loads(x).get("validation")]
+    history = _history(out)
     return {"preset": preset, "seed": seed, "recipe": " ".join(flags), "budget": " ".join(BUDGET),
             "metrics": {k: metrics[k] for k in ("i2t", "t2i", "rsum", "protocol", "n_images", "n_captions")},
             "rsum_by_epoch": history, "train_seconds": seconds, "threads": threads,

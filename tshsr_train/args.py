@@ -31,8 +31,8 @@ Examples:
 # The settings that make a training recipe (beside data, budget and machine): the model card lists
 # those a run changed.
 RECIPE_FIELDS = ("warmup_epochs", "margin", "grad_clip", "hard_negatives", "random_negatives", "aux_stream_weight",
-                 "aux_level_weight", "mine_pool", "stream_fusion", "level_fusion", "level_cosine", "context_skip", "context_units",
-                 "alignment_weight", "alignment_joint", "alignment_chunk", "context_detach", "alignment_levels",
+                 "aux_level_weight", "mine_pool", "stream_fusion", "level_fusion", "level_cosine", "context_skip",
+                 "context_units", "alignment_weight", "alignment_joint", "alignment_chunk", "context_detach", "alignment_levels",
                  "contrastive_weight", "finetune_text", "finetune_image", "text_lr_mult", "image_lr_mult",
                  "fusion_lr_mult")
 
@@ -117,9 +117,10 @@ class TrainArgs:
 
     def budget_text(self) -> str:
         """Epochs, batch, learning rate and its schedule, seed: the model card's budget line."""
-        decay = (f", x0.1 after epoch {self.lr_update}" if self.lr_schedule == "step" and 0 < self.lr_update < self.epochs
-                 else "")
-        return f"epochs {self.epochs}, batch {self.batch_size}, lr {self.lr} ({self.lr_schedule}{decay}), seed {self.seed}"
+        decays = self.lr_schedule == "step" and 0 < self.lr_update < self.epochs
+        decay = f", x0.1 after epoch {self.lr_update}" if decays else ""
+        return (f"epochs {self.epochs}, batch {self.batch_size}, lr {self.lr} ({self.lr_schedule}{decay}), "
+                f"seed {self.seed}")
 
     def recipe_flags(self) -> list[str]:
         """The loss, fusion and fine-tuning flags that differ from the trainer's defaults, as the

@@ -230,8 +230,8 @@ def write_model_card(directory: Path, args: TrainArgs, metrics: dict | None, his
     training = [f"data: `{_data_name(args)}` split `{args.train_split}`"
                 + (f" (first {args.max_train_images} images)" if args.max_train_images else ""),
                 args.budget_text()]
-    if args.recipe_flags():
-        training.append(f"recipe (flags off the trainer's defaults): `{' '.join(args.recipe_flags())}`")
+    if recipe := args.recipe_flags():
+        training.append(f"recipe (flags off the trainer's defaults): `{' '.join(recipe)}`")
     local = args.dataset in ("imagefolder", "precomp") and args.data_dir
     card = model_card(config, repo_id=args.push_to_hub or _display_path(directory), metrics=metrics or None,
                       dataset=Path(args.data_dir).name if local else args.dataset, dataset_name=_data_name(args),
