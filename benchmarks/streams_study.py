@@ -68,6 +68,10 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                           "fewer, broader groups, each averaged over more units",
                           ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip", "--context-units",
                            "3", "2"]),
+    "detach-skip-salience": ("detach-skip + --word-salience: a learned salience per word, so that a region's attention "
+                             "(i2t) and a caption's mean alignment (t2i) are no longer spread over 'a', 'the' and 'in' "
+                             "as much as over the content words",
+                             ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip", "--word-salience"]),
     "skip": ("fixed-aux-align-nce with --context-skip: the reasoning also links local and global directly, so the "
              "context level is a path beside local -> global instead of a bottleneck between them",
              ["--preset", "tshsr", *ALIGN_NCE, "--context-skip"]),

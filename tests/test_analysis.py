@@ -324,3 +324,41 @@ def test_context_detach_keeps_scores_and_cuts_the_context_gradient_into_units(ma
         assert detached_units_grad == 0  # nothing reaches the unit vectors
         assert queries_grad > 0  # the context queries still learn
     model.head_kind.set_context_detach(model, False)
+
+
+# --- a learned salience per word (word_salience) ----------------------------------------------
+def test_word_salience_starts_neutral_and_scores_the_same_on_every_path(make_model, regions, captions,
+                                                                          tmp_path) -> None:
+    from tshsr import TSHSRConfig, TSHSRModel
+    from tshsr.analysis import shortlisted_values
+    from tshsr.encoding import head_inputs
+
+    flags = dict(level_cosine=True, context_skip=True)
+    base = make_model("tshsr", **flags)
+    model = make_model("tshsr", word_salience=True, **flags)
+    images, texts = _encode(model, regions[:4], captions[:5])
+    # Zero at first: every score as without it (and no other layer starts differently).
+    torch.testing.assert_close(model.score_encoded(images, texts).scores,
+                               base.score_encoded(*_encode(base, regions[:4], captions[:5])).scores)
+    with torch.no_grad():
+        for head in model.streams.values():
+            head.word_salience.normal_(0.0, 3.0, generator=torch.Generator().manual_seed(3))
+    grid = model.score_encoded(images, texts, return_attention=True)
+    assert not torch.allclose(grid.scores, base.score_encoded(*_encode(base, regions[:4], captions[:5])).scores)
+    pi, pt = torch.meshgrid(torch.arange(4), torch.arange(5), indexing="ij")
+    pairs = model.score_pairs(images, texts, pi.reshape(-1), pt.reshape(-1))
+    torch.testing.assert_close(pairs.scores.view(4, 5), grid.scores, atol=1e-5, rtol=1e-5)
+    # The training grid of alignment scores is the pair path's alignment, salience included.
+    s = shortlisted_values(model, images, texts, rerank_k=3)
+    with torch.no_grad():
+        aligned = model.head_kind.alignment_scores(model, head_inputs(images), head_inputs(texts))
+    for key, values in aligned.items():
+        expected = values.double().numpy()[np.arange(4)[:, None], s.i2t_cols]
+        np.testing.assert_allclose(s.i2t[f"{key} alignment"], expected, atol=1e-5)
+    # Saved and reloaded with the flag; configs without it read and hash as before; TSHSR heads only.
+    model.save_pretrained(tmp_path / "m")
+    again = TSHSRModel.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(again.score_encoded(images, texts).scores, grid.scores)
+    assert "word_salience" not in TSHSRConfig.preset("tshsr").to_dict()
+    with pytest.raises(ValueError, match="word_salience"):
+        TSHSRConfig.preset("sgr", word_salience=True)

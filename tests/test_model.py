@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tshsr import InvalidInputError, TSHSRConfig
-from tshsr.heads import SGRAFHead
+from tshsr.sgraf import SGRAFHead
 
 PRESETS = TSHSRConfig.PRESETS
 TOL = 1e-5

@@ -63,7 +63,7 @@ def test_resume_check_compares_fields_not_flags(tmp_path) -> None:
     import pytest
 
     from tshsr import TSHSRConfig
-    from tshsr_train.loop import resumed_config
+    from tshsr_train.model_config import resumed_config
 
     stored = TSHSRConfig.preset("flat", embed_dim=128, image_feature_dim=1280, image_size=224)
     (tmp_path / "config.json").write_text(json.dumps(stored.to_dict()))

@@ -45,6 +45,9 @@ class TSHSRConfig:
     # The reasoning graph also links local and global directly (global gathers the local nodes, local
     # nodes read the global node), so the context level is a path beside local -> global, not between.
     context_skip: bool = False
+    # A learned salience logit per word in each stream (zero at first): i2t adds it to the logits of
+    # the words a region attends over, t2i weights each word's alignment by its softmax.
+    word_salience: bool = False
     logit_scale_init: float = 20.0  # temperature of the contrastive term on global vectors
 
     # --- image side ------------------------------------------------------------------------
@@ -159,8 +162,9 @@ class TSHSRConfig:
                 data[key] = list(value)
         if data["backbone_sha256"] is None:  # nothing to pin: config.json stays as older versions wrote it
             del data["backbone_sha256"]
-        if not data["context_skip"]:  # off: config.json (and its fingerprint) as older versions wrote it
-            del data["context_skip"]
+        for flag in ("context_skip", "word_salience"):  # off: config.json (and its hash) as older versions wrote it
+            if not data[flag]:
+                del data[flag]
         return data
 
     @classmethod

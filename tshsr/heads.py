@@ -1,4 +1,5 @@
-"""Similarity heads: SCAN attention, similarity nodes, hierarchical reasoning, SGR and SAF.
+"""Similarity heads: SCAN attention, similarity nodes, hierarchical reasoning, the TSHSR stream
+(SGRAF's SGR and SAF heads are in :mod:`tshsr.sgraf`).
 
 All functions work on *pairs*: tensors with a leading pair axis P, where pair p holds one image
 and one caption. Exhaustive scoring, mined negatives in training and reranking all reduce to
@@ -40,33 +41,37 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.
 
 def cross_attention(
     queries: torch.Tensor, query_mask: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
-    smooth: float, normalize_over_queries: bool = True,
+    smooth: float, normalize_over_queries: bool = True, key_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SCAN/SGRAF attention of each query unit over the key units.
 
     A = LeakyReLU_0.1(Q K^T); each key's column is L2-normalised over the queries (SCAN's
     "clipped l2norm"), weights = softmax over keys of (smooth * A); the attended vector is
     L2-normalised. Returns (attended [P, nq, D], weights [P, nq, nk]); weights of a valid query
-    sum to one over the valid keys; rows of padded queries are zero.
+    sum to one over the valid keys; rows of padded queries are zero. ``key_bias`` [P, nk] (the
+    word salience of :class:`StreamHead`) is added to every query's logits: a learned prior of
+    which keys are worth attending to.
     """
     affinity = F.leaky_relu(torch.bmm(queries, keys.transpose(1, 2)), 0.1)
     affinity = affinity * query_mask.unsqueeze(2)
     if normalize_over_queries:
         affinity = l2norm(affinity, dim=1, fresh=True)
-    weights = masked_softmax(smooth * affinity, key_mask.unsqueeze(1), dim=2) * query_mask.unsqueeze(2)
+    logits = smooth * affinity if key_bias is None else smooth * affinity + key_bias.unsqueeze(1)
+    weights = masked_softmax(logits, key_mask.unsqueeze(1), dim=2) * query_mask.unsqueeze(2)
     return l2norm(torch.bmm(weights, keys), fresh=True), weights
 
 
 def cross_attention_grid(
     queries: torch.Tensor, query_mask: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
-    smooth: float, queries_are_images: bool,
+    smooth: float, queries_are_images: bool, key_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`cross_attention` for every (query item, key item) combination at once.
 
     queries [Bq, nq, D] and keys [Bk, nk, D] hold per-item units; the result is laid out
     image-major, [n_images, n_texts, nq, D] and [n_images, n_texts, nq, nk], whichever side the
     queries come from. One large matrix product gives all affinities and one batched product per
-    key item gives all attended vectors, instead of a small product per pair.
+    key item gives all attended vectors, instead of a small product per pair. ``key_bias`` is
+    per key item, [Bk, nk].
     """
     Bq, nq, D = queries.shape
     Bk, nk, _ = keys.shape
@@ -74,7 +79,8 @@ def cross_attention_grid(
     affinity = F.leaky_relu(raw.permute(2, 0, 1, 3), 0.1)  # [Bk, Bq, nq, nk]
     qmask = query_mask.view(1, Bq, nq, 1)
     affinity = l2norm(affinity * qmask, dim=2, fresh=True)
-    weights = masked_softmax(smooth * affinity, key_mask.view(Bk, 1, 1, nk), dim=3) * qmask
+    logits = smooth * affinity if key_bias is None else smooth * affinity + key_bias.view(Bk, 1, 1, nk)
+    weights = masked_softmax(logits, key_mask.view(Bk, 1, 1, nk), dim=3) * qmask
     attended = torch.bmm(weights.reshape(Bk, Bq * nq, nk), keys).view(Bk, Bq, nq, D)
     attended = l2norm(attended, fresh=True)
     if queries_are_images:  # key items are texts: put images first
@@ -84,26 +90,33 @@ def cross_attention_grid(
 
 def attended_cosine_grid(
     queries: torch.Tensor, query_mask: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
-    smooth: float, queries_are_images: bool,
+    smooth: float, queries_are_images: bool, key_bias: torch.Tensor | None = None,
+    query_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SCAN's alignment score of every (image, text) combination, [n_images, n_texts]: the mean
     over valid query units of cos(q_i, a_i), a_i the attended vector of :func:`cross_attention`.
 
     Computed without the attended vectors: q_i . sum_j w_ij k_j = sum_j w_ij (q_i . k_j) and
     ||sum_j w_ij k_j||^2 = w_i^T G w_i with G = K K^T per key item, so a whole training batch
-    (every image with every caption) costs about as little as its affinities.
+    (every image with every caption) costs about as little as its affinities. ``key_bias``
+    [Bk, nk] as in :func:`cross_attention_grid`; ``query_weights`` [Bq, nq] (zero on padding,
+    summing to one) replace the plain mean over query units by a weighted one.
     """
     Bq, nq, D = queries.shape
     Bk, nk, _ = keys.shape
     raw = (queries.reshape(Bq * nq, D) @ keys.reshape(Bk * nk, D).T).view(Bq, nq, Bk, nk).permute(2, 0, 1, 3)
     qmask = query_mask.view(1, Bq, nq, 1).to(raw.dtype)
     affinity = l2norm(F.leaky_relu(raw, 0.1) * qmask, dim=2)
-    weights = masked_softmax(smooth * affinity, key_mask.view(Bk, 1, 1, nk), dim=3) * qmask  # [Bk, Bq, nq, nk]
+    logits = smooth * affinity if key_bias is None else smooth * affinity + key_bias.view(Bk, 1, 1, nk)
+    weights = masked_softmax(logits, key_mask.view(Bk, 1, 1, nk), dim=3) * qmask  # [Bk, Bq, nq, nk]
     gram = torch.bmm(keys, keys.transpose(1, 2))  # [Bk, nk, nk]
     squared = (torch.bmm(weights.reshape(Bk, Bq * nq, nk), gram).view(Bk, Bq, nq, nk) * weights).sum(-1)
     cos = (weights * raw).sum(-1) / (squared.clamp(min=1e-12).sqrt() + 1e-8)  # l2norm's eps
-    valid = query_mask.view(1, Bq, nq).to(raw.dtype)
-    score = (cos * valid).sum(-1) / valid.sum(-1).clamp(min=1)  # [Bk, Bq]
+    if query_weights is None:
+        valid = query_mask.view(1, Bq, nq).to(raw.dtype)
+        score = (cos * valid).sum(-1) / valid.sum(-1).clamp(min=1)  # [Bk, Bq]
+    else:
+        score = (cos * query_weights.view(1, Bq, nq)).sum(-1)
     return score.T if queries_are_images else score
 
 
@@ -112,8 +125,12 @@ def unit_alignment(attended: torch.Tensor, queries: torch.Tensor, mask: torch.Te
     return (attended * queries).sum(-1) * mask.to(attended.dtype)
 
 
-def mean_alignment(attended: torch.Tensor, queries: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over valid query units of cos(q_i, a_i) (both unit vectors), over any leading shape."""
+def mean_alignment(attended: torch.Tensor, queries: torch.Tensor, mask: torch.Tensor,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over valid query units of cos(q_i, a_i) (both unit vectors), over any leading shape;
+    with ``weights`` (zero on padding, summing to one over the query units) a weighted mean."""
+    if weights is not None:
+        return (unit_alignment(attended, queries, mask) * weights).sum(-1)
     return unit_alignment(attended, queries, mask).sum(-1) / mask.to(attended.dtype).sum(-1).clamp(min=1)
 
 
@@ -267,6 +284,23 @@ class StreamHead(nn.Module):
         self.aligned_levels = tuple(lv for lv in self.levels if lv != "global") if config.level_cosine else ()
         if self.aligned_levels:
             self.alignment_mix = nn.Parameter(torch.full((len(self.aligned_levels),), 2.0))
+        if config.word_salience:
+            # A learned salience logit per word, w . unit, zero at first (no change, and no random
+            # draw: every other layer starts as without it); no bias, a softmax over words drops it.
+            # In i2t it is a prior on which words a region attends to, in t2i the weight of each
+            # word's alignment.
+            self.word_salience = nn.Parameter(torch.zeros(D))
+
+    def _salience(self, q: dict, k: dict, keys: torch.Tensor | None = None):
+        """(key_bias, query_weights) of the word salience for this stream's attention, each None
+        where it does not apply: i2t biases the logits of the keys (words; ``keys`` when the
+        level attends over other key vectors, e.g. detached ones), t2i weights the mean alignment
+        over the query words (a softmax over each caption's words). Per item or per pair, as q/k."""
+        if not hasattr(self, "word_salience") or (self.stream == "t2i" and keys is not None):
+            return None, None  # (t2i's keys are regions)
+        if self.stream == "i2t":
+            return (k["units"] if keys is None else keys) @ self.word_salience, None
+        return None, masked_softmax(q["units"] @ self.word_salience, q["mask"], dim=-1)
 
     def _context_input(self, q: dict, k: dict) -> tuple[dict, torch.Tensor]:
         """(q, the key units the context level attends over). When the model trains with
@@ -292,15 +326,20 @@ class StreamHead(nn.Module):
         maps = {}
         q, ctx_keys = self._context_input(q, k)
         ctx_mask = None if q.get("context") is None else torch.ones_like(q["context"][..., 0], dtype=torch.bool)
+        key_bias, query_weights = self._salience(q, k)
+        ctx_bias = self._salience(q, k, ctx_keys)[0]
         if grid is None:
-            attended, weights = cross_attention(q["units"], q["mask"], k["units"], k["mask"], self.smooth)
+            attended, weights = cross_attention(q["units"], q["mask"], k["units"], k["mask"], self.smooth,
+                                                key_bias=key_bias)
             local = self.local_nodes(attended, q["units"])
             query_mask = q["mask"]
-            align = {"local": mean_alignment(attended, q["units"], query_mask)} if self.aligned_levels else {}
+            align = {"local": mean_alignment(attended, q["units"], query_mask, query_weights)
+                     } if self.aligned_levels else {}
             glob = self.global_nodes(k["pooled"], q["pooled"])
             membership = q.get("membership")
             if "context" in self.levels:
-                ctx_attended, ctx_weights = cross_attention(q["context"], ctx_mask, ctx_keys, k["mask"], self.smooth)
+                ctx_attended, ctx_weights = cross_attention(q["context"], ctx_mask, ctx_keys, k["mask"], self.smooth,
+                                                            key_bias=ctx_bias)
                 context = self.context_nodes(ctx_attended, q["context"])
                 if self.aligned_levels:
                     align["context"] = mean_alignment(ctx_attended, q["context"], ctx_mask)
@@ -316,18 +355,19 @@ class StreamHead(nn.Module):
                 return t.unsqueeze(0) if images_first else t.unsqueeze(1)
 
             attended, weights = cross_attention_grid(q["units"], q["mask"], k["units"], k["mask"], self.smooth,
-                                                     images_first)
+                                                     images_first, key_bias)
             local = self.local_nodes(attended, per_pair(q["units"])).reshape(n_pairs, *attended.shape[2:3], -1)
             weights = weights.reshape(n_pairs, *weights.shape[2:])
             query_mask = per_pair(q["mask"]).reshape(n_pairs, -1)
-            align = {"local": mean_alignment(attended, per_pair(q["units"]), per_pair(q["mask"])).reshape(-1)
+            align = {"local": mean_alignment(attended, per_pair(q["units"]), per_pair(q["mask"]),
+                                             None if query_weights is None else per_pair(query_weights)).reshape(-1)
                      } if self.aligned_levels else {}
             glob = self.global_nodes(key_side(k["pooled"]), per_pair(q["pooled"])).reshape(n_pairs, -1)
             membership = None if q.get("membership") is None else per_pair(q["membership"]).reshape(
                 n_pairs, *q["membership"].shape[1:])
             if "context" in self.levels:
                 ctx_attended, ctx_weights = cross_attention_grid(q["context"], ctx_mask, ctx_keys, k["mask"],
-                                                                 self.smooth, images_first)
+                                                                 self.smooth, images_first, ctx_bias)
                 context = self.context_nodes(ctx_attended, per_pair(q["context"]))
                 context = context.reshape(n_pairs, *context.shape[2:])
                 ctx_weights = ctx_weights.reshape(n_pairs, *ctx_weights.shape[2:])
@@ -374,13 +414,15 @@ class StreamHead(nn.Module):
         """The alignment score of every level that has one, for pairs (leading pair axis P):
         {level: [P]}, the values the pair path of :meth:`forward` blends into the level scores."""
         q, ctx_keys = self._context_input(q, k)
+        key_bias, query_weights = self._salience(q, k)
         out = {}
         if "local" in self.aligned_levels:
-            attended, _ = cross_attention(q["units"], q["mask"], k["units"], k["mask"], self.smooth)
-            out["local"] = mean_alignment(attended, q["units"], q["mask"])
+            attended, _ = cross_attention(q["units"], q["mask"], k["units"], k["mask"], self.smooth, key_bias=key_bias)
+            out["local"] = mean_alignment(attended, q["units"], q["mask"], query_weights)
         if "context" in self.aligned_levels:
             ctx_mask = torch.ones_like(q["context"][..., 0], dtype=torch.bool)
-            attended, _ = cross_attention(q["context"], ctx_mask, ctx_keys, k["mask"], self.smooth)
+            attended, _ = cross_attention(q["context"], ctx_mask, ctx_keys, k["mask"], self.smooth,
+                                          key_bias=self._salience(q, k, ctx_keys)[0])
             out["context"] = mean_alignment(attended, q["context"], ctx_mask)
         return out
 
@@ -393,80 +435,11 @@ class StreamHead(nn.Module):
         q, ctx_keys = self._context_input(q, k)
         out = {}
         if "local" in wanted:
+            key_bias, query_weights = self._salience(q, k)
             out["local"] = attended_cosine_grid(q["units"], q["mask"], k["units"], k["mask"], self.smooth,
-                                                images_first)
+                                                images_first, key_bias, query_weights)
         if "context" in wanted:
             ctx_mask = torch.ones_like(q["context"][..., 0], dtype=torch.bool)
             out["context"] = attended_cosine_grid(q["context"], ctx_mask, ctx_keys, k["mask"], self.smooth,
-                                                  images_first)
+                                                  images_first, self._salience(q, k, ctx_keys)[0])
         return out
-
-
-class GraphReasoningStep(nn.Module):
-    """One SGR step, as in SGRAF: N <- ReLU(W_r softmax((W_q N)(W_k N)^T) N)."""
-
-    def __init__(self, sim_dim: int):
-        super().__init__()
-        self.query = nn.Linear(sim_dim, sim_dim)
-        self.key = nn.Linear(sim_dim, sim_dim)
-        self.update = nn.Linear(sim_dim, sim_dim)
-
-    def forward(self, nodes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        logits = torch.bmm(self.query(nodes), self.key(nodes).transpose(1, 2))
-        edges = masked_softmax(logits, mask.unsqueeze(1), dim=2)
-        return F.relu(self.update(torch.bmm(edges, nodes))) * mask.unsqueeze(-1)
-
-
-class SGRAFHead(nn.Module):
-    """SGRAF's SGR (``graph_reasoning``) or SAF model (text-to-image only), on nodes [s_g, s_1 .. s_L]."""
-
-    def __init__(self, config, graph_reasoning: bool):
-        super().__init__()
-        D, m = config.embed_dim, config.sim_dim
-        self.graph_reasoning = graph_reasoning
-        self.smooth = config.attention_smooth
-        self.local_nodes = SimilarityNodes(D, m)
-        self.global_nodes = SimilarityNodes(D, m)
-        self.readout = nn.Linear(m, 1)
-        if graph_reasoning:
-            self.steps = nn.ModuleList(GraphReasoningStep(m) for _ in range(config.reasoning_steps))
-        else:
-            self.filter = nn.Linear(m, 1)
-            self.filter_norm = nn.BatchNorm1d(1)
-
-    def nodes(self, text, image, grid: tuple[int, int] | None = None):
-        if grid is None:
-            attended, weights = cross_attention(text["units"], text["mask"], image["units"], image["mask"],
-                                                self.smooth)
-            local = self.local_nodes(attended, text["units"])
-            glob = self.global_nodes(image["pooled"], text["pooled"])
-            text_mask = text["mask"]
-        else:  # every image with every text, image-major
-            n_pairs = grid[0] * grid[1]
-            attended, weights = cross_attention_grid(text["units"], text["mask"], image["units"], image["mask"],
-                                                     self.smooth, queries_are_images=False)
-            local = self.local_nodes(attended, text["units"].unsqueeze(0)).reshape(n_pairs, attended.shape[2], -1)
-            weights = weights.reshape(n_pairs, *weights.shape[2:])
-            glob = self.global_nodes(image["pooled"].unsqueeze(1), text["pooled"].unsqueeze(0)).reshape(n_pairs, -1)
-            text_mask = text["mask"].unsqueeze(0).expand(grid[0], -1, -1).reshape(n_pairs, -1)
-        nodes = torch.cat([glob.unsqueeze(1), local], 1)
-        mask = torch.cat([torch.ones_like(text_mask[:, :1]), text_mask], 1)
-        return nodes * mask.unsqueeze(-1), mask, weights
-
-    def forward(self, text, image, want_maps: bool = False, grid: tuple[int, int] | None = None):
-        nodes, mask, weights = self.nodes(text, image, grid)
-        maps = {"attention": weights} if want_maps else {}
-        if self.graph_reasoning:
-            for step in self.steps:
-                nodes = step(nodes, mask)
-            return torch.sigmoid(self.readout(nodes[:, 0]).squeeze(-1)), maps
-        logits = self.filter(nodes).squeeze(-1)  # [P, 1 + L]
-        # BatchNorm over the valid nodes only, so padding never shifts the statistics.
-        normed = torch.zeros_like(logits)
-        normed[mask] = self.filter_norm(logits[mask].unsqueeze(1)).squeeze(1)
-        alpha = torch.sigmoid(normed) * mask
-        alpha = alpha / alpha.sum(-1, keepdim=True).clamp(min=1e-8)
-        pooled = l2norm(torch.bmm(alpha.unsqueeze(1), nodes).squeeze(1))
-        if want_maps:
-            maps["local_weights"] = alpha[:, 1:]
-        return torch.sigmoid(self.readout(pooled).squeeze(-1)), maps

@@ -13,9 +13,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .heads import SGRAFHead, StreamHead
+from .heads import StreamHead
+from .sgraf import SGRAFHead
 
 _HEADS: dict[str, type["HeadKind"]] = {}
+NO_SALIENCE = "word_salience is a part of the TSHSR streams' attention; the sgr, saf and dual heads have none"
 
 
 def register_head(name: str):
@@ -161,7 +163,7 @@ class _SGRAFKind(HeadKind):
     def validate(self, config) -> str | None:
         if config.streams != ("t2i",):
             return "SGRAF heads (sgr, saf) have the text-to-image stream only: streams=('t2i',)"
-        return None
+        return NO_SALIENCE if config.word_salience else None
 
     def contribution_keys(self, config) -> list[str]:
         return [self.key]
@@ -197,6 +199,8 @@ class DualEncoderHead(HeadKind):
     cross_attention = False
 
     def validate(self, config) -> str | None:
+        if config.word_salience:
+            return NO_SALIENCE
         return None if config.levels == ("global",) else "the dual-encoder head has the global level only"
 
     def contribution_keys(self, config) -> list[str]:
