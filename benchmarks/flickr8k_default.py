@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -72,12 +71,9 @@ def ship_card(run: Path, target: Path) -> None:
     rsum = {r["epoch"]: r["validation"]["rsum"]  # an epoch validated again after a resume: its last value
             for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r.get("validation")}
     history = [{"epoch": e, "rsum": v} for e, v in sorted(rsum.items())]
-    cwd = Path.cwd()
-    try:
-        os.chdir(ROOT)  # the card names the folder relative to the repository: checkpoints/tshsr-flickr8k
-        write_model_card(target, args, json.loads((run / "metrics.json").read_text()), history)
-    finally:
-        os.chdir(cwd)
+    # The card names the folder relative to the repository: checkpoints/tshsr-flickr8k
+    write_model_card(target, args, json.loads((run / "metrics.json").read_text()), history,
+                     name=target.resolve().relative_to(ROOT).as_posix())
 
 
 def row(name: str, m: dict, protocol: str) -> str:

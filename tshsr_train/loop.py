@@ -174,8 +174,10 @@ def _data_name(args: TrainArgs) -> str:
     return args.dataset
 
 
-def write_model_card(directory: Path, args: TrainArgs, metrics: dict | None, history: list) -> None:
-    """README.md of the kept model: the library's model card with this run's training and validation."""
+def write_model_card(directory: Path, args: TrainArgs, metrics: dict | None, history: list,
+                     name: str | None = None) -> None:
+    """README.md of the kept model: the library's model card with this run's training and validation.
+    ``name``: what the card's loading example loads (default: the Hub repo pushed to, else the folder)."""
     config = TSHSRConfig.load(directory)
     training = [f"data: `{_data_name(args)}` split `{args.train_split}`"
                 + (f" (first {args.max_train_images} images)" if args.max_train_images else ""),
@@ -183,7 +185,7 @@ def write_model_card(directory: Path, args: TrainArgs, metrics: dict | None, his
     if recipe := args.recipe_flags():
         training.append(f"recipe (flags off the trainer's defaults): `{' '.join(recipe)}`")
     local = args.dataset in ("imagefolder", "precomp") and args.data_dir
-    card = model_card(config, repo_id=args.push_to_hub or _display_path(directory), metrics=metrics or None,
+    card = model_card(config, repo_id=name or args.push_to_hub or _display_path(directory), metrics=metrics or None,
                       dataset=Path(args.data_dir).name if local else args.dataset, dataset_name=_data_name(args),
                       split=args.val_split, training=training, history=history)
     card.save(directory / "README.md")
