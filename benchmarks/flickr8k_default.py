@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 from results_md import git_commit, machine, write_section  # noqa: E402
-from streams_study import BUDGET, RECIPES, _wall_seconds  # noqa: E402
+from streams_study import BUDGET, RECIPES, _wall_seconds, validation_by_epoch  # noqa: E402
 
 # The default model trains with the recipe the streams study chose (benchmarks/streams_study.py),
 # at the study's budget; the dual encoder is its baseline at the same budget.
@@ -68,9 +68,7 @@ def ship_card(run: Path, target: Path) -> None:
 
     settings = json.loads((run / "train_args.json").read_text())
     args = TrainArgs(**{k: v for k, v in settings.items() if k in TrainArgs.__dataclass_fields__})
-    rsum = {r["epoch"]: r["validation"]["rsum"]  # an epoch validated again after a resume: its last value
-            for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r.get("validation")}
-    history = [{"epoch": e, "rsum": v} for e, v in sorted(rsum.items())]
+    history = [{"epoch": e, "rsum": v} for e, v in validation_by_epoch(run).items()]
     # The card names the folder relative to the repository: checkpoints/tshsr-flickr8k
     write_model_card(target, args, json.loads((run / "metrics.json").read_text()), history,
                      name=target.resolve().relative_to(ROOT).as_posix())

@@ -115,9 +115,15 @@ def _wall_seconds(out: Path) -> float | None:
     return round(times[-1] - times[0]) if len(times) > 1 else None
 
 
-def _history(out: Path) -> list[float]:
+def validation_by_epoch(out: Path) -> dict[int, float]:
+    """{epoch: validation RSUM} from a run's log.jsonl, in epoch order; an epoch validated again
+    after a resume keeps its last value."""
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"validation"' in x]
-    return [r["validation"]["rsum"] for r in rows if r.get("validation")]
+    return dict(sorted({r["epoch"]: r["validation"]["rsum"] for r in rows if r.get("validation")}.items()))
+
+
+def _history(out: Path) -> list[float]:
+    return list(validation_by_epoch(out).values())
 
 
 def on_disk() -> list[dict]:
