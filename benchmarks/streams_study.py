@@ -73,6 +73,11 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                              "(i2t) and a caption's mean alignment (t2i) are no longer spread over 'a', 'the' and 'in' "
                              "as much as over the content words",
                              ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip", "--word-salience"]),
+    "detach-skip-complement": ("detach-skip + --alignment-complement 1: an InfoNCE on each stream's alignment score "
+                               "plus the other stream's (without gradient), so each stream is pushed where the other "
+                               "ranks wrong instead of repeating it (the streams agree at rank correlation 0.94-0.96)",
+                               ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip",
+                                "--alignment-complement", "1.0"]),
     "detach-skip-lite2": ("detach-skip on a finer grid: EfficientNet-Lite2 at its native 260 px, 9x9 regions instead of "
                           "Lite0's 7x7 (and a stronger backbone: ImageNet top-1 77.6 against 75.1)",
                           ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip", *LITE2]),

@@ -200,6 +200,30 @@ def test_joint_alignment_loss_is_the_infonce_of_the_mean_score(make_model, regio
     assert "alignment_joint" not in alignment_loss(model, images, texts, positive, scale, chunk=4)
 
 
+def test_complement_alignment_loss_pushes_each_stream_where_the_other_is_wrong(make_model, regions, captions) -> None:
+    from tshsr.encoding import head_inputs
+    from tshsr.loss import alignment_loss
+    from tshsr.losses import contrastive_loss
+
+    model = make_model("tshsr", level_cosine=True).train()
+    positive = torch.eye(4, dtype=torch.bool)
+    images = model.encode_image_features(*model.image_features(regions[:4]))
+    texts = model.encode_text_features(*model.text_features(captions[:4]))
+    scale = torch.tensor(10.0)
+    out = alignment_loss(model, images, texts, positive, scale, chunk=4, complement=True)
+    a = model.head_kind.alignment_scores(model, head_inputs(images, torch.arange(4)),
+                                         head_inputs(texts, torch.arange(4)))
+    expected = torch.stack([contrastive_loss((a[f"{s}/{lv}"] + a[f"{o}/{lv}"]) / 2, positive, scale)
+                            for s, o in (("i2t", "t2i"), ("t2i", "i2t")) for lv in ("local", "context")]).mean()
+    torch.testing.assert_close(out["alignment_complement"], expected)
+    assert "alignment_complement" not in alignment_loss(model, images, texts, positive, scale, chunk=4)
+    # One stream alone has no partner: no such term.
+    single = make_model("i2t", level_cosine=True).train()
+    img = single.encode_image_features(*single.image_features(regions[:4]))
+    txt = single.encode_text_features(*single.text_features(captions[:4]))
+    assert "alignment_complement" not in alignment_loss(single, img, txt, positive, scale, chunk=4, complement=True)
+
+
 def test_stream_agreement_matches_each_streams_recall(make_model, regions, captions) -> None:
     from tshsr.analysis import shortlisted_values, stream_agreement
 

@@ -30,6 +30,9 @@ class LossSettings:
     alignment_chunk: int = 32  # captions per InfoNCE group (every pair of a group is aligned: cost ~ chunk x batch)
     alignment_joint: float = 0.0  # InfoNCE on the mean of the cosine and all alignment scores: parts trained together
     alignment_levels: str = "all"  # "local": the alignment InfoNCE leaves the context level's score out
+    # InfoNCE on each stream's alignment score plus the other stream's (without gradient), per level:
+    # each stream learns where the other is wrong instead of repeating it.
+    alignment_complement: float = 0.0
 
     @classmethod
     def from_args(cls, args) -> "LossSettings":
@@ -53,12 +56,14 @@ def matching_loss(model, images, texts, positive: torch.Tensor, settings: LossSe
     scale = model.logit_scale.exp().clamp(max=100.0)
     parts = {"contrastive": contrastive_loss(similarity, positive, scale)}
     loss = settings.contrastive_weight * parts["contrastive"]
-    if settings.alignment_weight > 0 or settings.alignment_joint > 0:
-        weights = {"alignment": settings.alignment_weight, "alignment_joint": settings.alignment_joint}
+    weights = {"alignment": settings.alignment_weight, "alignment_joint": settings.alignment_joint,
+               "alignment_complement": settings.alignment_complement}
+    if any(w > 0 for w in weights.values()):
         for name, value in alignment_loss(model, images, texts, positive, scale, settings.alignment_chunk,
                                           similarity if settings.alignment_joint > 0 else None,
                                           levels=None if settings.alignment_levels == "all"
-                                          else (settings.alignment_levels,)).items():
+                                          else (settings.alignment_levels,),
+                                          complement=settings.alignment_complement > 0).items():
             parts[name] = value
             loss = loss + weights[name] * value
     if model.head_kind.cross_attention:
@@ -84,15 +89,18 @@ def matching_loss(model, images, texts, positive: torch.Tensor, settings: LossSe
 
 def alignment_loss(model, images, texts, positive: torch.Tensor, scale: torch.Tensor, chunk: int,
                    similarity: torch.Tensor | None = None,
-                   levels: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+                   levels: tuple[str, ...] | None = None, complement: bool = False) -> dict[str, torch.Tensor]:
     """InfoNCE on the alignment scores, over groups of ``chunk`` captions, each group against the
     images of its own captions (every pair of a group aligned: a whole batch of 128 would cost
     ~16K pair alignments a step). ``alignment``: the mean over every level's score alone.
     ``alignment_joint`` (when the global ``similarity`` is given): on the mean of the cosine and
     every alignment score, so that the parts are also trained as one ranker, each correcting the
     others rather than each repeating the cosine. ``levels``: only these levels' scores (None: all).
+    ``alignment_complement`` (``complement``, two streams): on the mean of each stream's score and
+    the other stream's at the same level, the other's without gradient, so that a stream is pushed
+    where the other ranks wrong (as a boosted ranker is) and not where it is right already.
     {} for heads without alignment scores."""
-    alone, joint = [], []
+    alone, joint, other = [], [], []
     for start in range(0, positive.shape[1], chunk):
         cols = torch.arange(start, min(start + chunk, positive.shape[1]), device=positive.device)
         rows = positive[:, cols].any(1).nonzero(as_tuple=True)[0]
@@ -105,7 +113,15 @@ def alignment_loss(model, images, texts, positive: torch.Tensor, scale: torch.Te
         if similarity is not None:
             mean = (similarity[rows][:, cols] + sum(aligned.values())) / (len(aligned) + 1)
             joint.append(contrastive_loss(mean, group, scale))
+        if complement:
+            for key, value in aligned.items():
+                stream, level = key.split("/")
+                partner = aligned.get(f"{'t2i' if stream == 'i2t' else 'i2t'}/{level}")
+                if partner is not None:
+                    other.append(contrastive_loss((value + partner.detach()) / 2, group, scale))
     out = {"alignment": torch.stack(alone).mean()} if alone else {}
+    if other:
+        out["alignment_complement"] = torch.stack(other).mean()
     if joint:
         out["alignment_joint"] = torch.stack(joint).mean()
     return out

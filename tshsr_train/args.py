@@ -33,7 +33,7 @@ Examples:
 RECIPE_FIELDS = ("warmup_epochs", "margin", "grad_clip", "hard_negatives", "random_negatives", "aux_stream_weight",
                  "aux_level_weight", "mine_pool", "stream_fusion", "level_fusion", "level_cosine", "context_skip",
                  "context_units", "word_salience", "alignment_weight", "alignment_joint", "alignment_chunk",
-                 "context_detach", "alignment_levels",
+                 "context_detach", "alignment_levels", "alignment_complement",
                  "contrastive_weight", "finetune_text", "finetune_image", "text_lr_mult", "image_lr_mult",
                  "fusion_lr_mult")
 
@@ -81,6 +81,7 @@ class TrainArgs:
     alignment_chunk: int = 32
     context_detach: bool = False  # the context level trains without gradient into the unit vectors
     alignment_levels: str = "all"  # "local": the InfoNCE skips the context level's alignment
+    alignment_complement: float = 0.0  # InfoNCE on each stream's alignment + the other's (no gradient)
     contrastive_weight: float = 1.0
     finetune_text: bool = False
     finetune_image: bool = False
@@ -175,6 +176,9 @@ def _add_optimisation_flags(p: argparse.ArgumentParser, d: TrainArgs) -> None:
     g.add_argument("--alignment-levels", default=d.alignment_levels, choices=["all", "local"],
                    help="levels whose alignment score the InfoNCE trains (local: not the context level's, "
                         "so context pooling does not pull on the unit vectors through it)")
+    g.add_argument("--alignment-complement", type=float, default=d.alignment_complement,
+                   help="weight of an InfoNCE on each stream's alignment score plus the other stream's at the same "
+                        "level (the other without gradient): each stream learns where the other ranks wrong")
     g.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
     g.add_argument("--device", default=d.device)
     g.add_argument("--threads", type=int, default=d.threads, help="CPU threads (torch.set_num_threads)")
