@@ -7,9 +7,10 @@ Each recipe (RECIPES below) is trained on all of Flickr8k train and validated on
 validation (1,000 images, 5,000 captions), keeping the best epoch; then every part of the kept
 model is diagnosed with the same cosine top-50 shortlist (benchmarks/streams_diagnosis.py):
 each stream/level alone, each stream alone, and leave-one-out. Runs live in runs/streams/
-NAME-sSEED and resume when killed; results go to benchmarks/results/streams.jsonl (diagnoses)
-and the "streams_study" section of docs/RESULTS.md (one row per run, regenerated from the
-records). The shipped round-1 model (learned fusion) is diagnosed as the reference row.
+NAME-sSEED and resume when killed; results go to benchmarks/results/streams.jsonl (diagnoses),
+benchmarks/results/streams_runs.jsonl (one record per finished run: its validation RSUM by epoch
+and training time) and the "streams_study" section of docs/RESULTS.md (one row per run,
+regenerated from the records, so a fresh checkout without runs/ writes the same table). The shipped round-1 model (learned fusion) is diagnosed as the reference row.
 
 The 48 example photos of the demo are never used here: recipes are chosen on validation only.
 """
@@ -22,10 +23,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from results_md import write_section
+from results_md import git_commit, machine, write_section
 from streams_diagnosis import diagnose, load_records, store_record
 
 ROOT = Path(__file__).resolve().parents[1]
+RUNS_STORE = ROOT / "benchmarks" / "results" / "streams_runs.jsonl"
 BUDGET = ["--epochs", "4", "--lr-update", "3", "--batch-size", "128", "--embed-dim", "256", "--sim-dim", "128"]
 FIXED = ["--stream-fusion", "equal", "--level-fusion", "equal"]
 # The kept recipe's flags (any preset with TSHSR levels): the default model and the decisive ablation train with it.
@@ -131,14 +133,31 @@ def _history(out: Path) -> list[float]:
     return list(validation_by_epoch(out).values())
 
 
-def on_disk() -> list[dict]:
-    """Every recipe run found under runs/streams (finished or still training), in RECIPES order."""
+def run_record(name: str, out: Path, threads: int | None) -> dict:
+    """The record of a finished run: what the study table shows of it once runs/ is gone."""
+    recipe_name = name.rsplit("-s", 1)[0]
+    return {"name": name, "protocol": "training", "recipe": recipe_name, "flags": " ".join(RECIPES[recipe_name][1]),
+            "budget": " ".join(BUDGET), "history": _history(out), "seconds": _wall_seconds(out),
+            "threads": threads, "commit": git_commit(), "machine": machine()}
+
+
+def all_runs() -> list[dict]:
+    """Every study run, in RECIPES order then by seed: the recorded ones (streams_runs.jsonl) and,
+    where no record exists yet, the ones still training under runs/streams (epochs so far)."""
+    recorded = {r["name"]: r for r in load_records(RUNS_STORE)}
     found = []
     for name, (recipe, _) in RECIPES.items():
-        for out in sorted((ROOT / "runs" / "streams").glob(f"{name}-s*")):
+        names = {n for n in recorded if n.rsplit("-s", 1)[0] == name}
+        for out in (ROOT / "runs" / "streams").glob(f"{name}-s*"):
             if out.name.removeprefix(f"{name}-s").isdigit() and (out / "log.jsonl").exists():
-                found.append({"name": out.name, "recipe": recipe, "history": _history(out),
-                              "seconds": _wall_seconds(out) if (out / "train_args.json").exists() else None})
+                names.add(out.name)
+        for run_name in sorted(names, key=lambda n: int(n.rsplit("-s", 1)[1])):
+            rec = recorded.get(run_name)
+            if rec is None:
+                out = ROOT / "runs" / "streams" / run_name
+                rec = {"history": _history(out), "seconds": None}
+            found.append({"name": run_name, "recipe": recipe, "history": rec["history"], "seconds": rec["seconds"],
+                          "stopped": rec.get("stopped", False)})
     return found
 
 
@@ -158,7 +177,8 @@ def summarize(records: list[dict], runs: list[dict]) -> str:
         rec = diag.get(run["name"])
         history = ", ".join(f"{v:.1f}" for v in run.get("history", [])) or "—"
         if rec is None:
-            note = "no parts (cosine only)" if run["name"].startswith("dual") else "not diagnosed yet"
+            note = ("no parts (cosine only)" if run["name"].startswith("dual")
+                    else "stopped early, not diagnosed" if run.get("stopped") else "not diagnosed yet")
             lines.append(f"| {run['name']} | {run['recipe']} | {history} | {note} | | | | | | {run.get('seconds') or '—'} |")
             continue
         m = rec["metrics"]
@@ -199,13 +219,14 @@ def main() -> int:
             if args.summary_only:
                 continue
             out, _ = train(recipe_name, seed, args.data_dir, args.threads)
+            store_record(run_record(run_name, out, args.threads), RUNS_STORE)
             if not recipe_name.startswith("dual") and not any(r["name"] == run_name and r["protocol"] == f"rerank-{PROTOCOL_K}"
                                                  for r in records):
                 # Stored after the diagnosis (minutes), re-reading the file: another study process may have
                 # stored its own record meanwhile.
                 records = store_record(diagnose(run_name, out, args.data_dir, PROTOCOL_K, args.cache_dir))
-            write_section("streams_study", summarize(load_records(), runs + on_disk()))
-    write_section("streams_study", summarize(load_records(), runs + on_disk()))
+            write_section("streams_study", summarize(load_records(), runs + all_runs()))
+    write_section("streams_study", summarize(load_records(), runs + all_runs()))
     return 0
 
 
