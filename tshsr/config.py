@@ -48,6 +48,9 @@ class TSHSRConfig:
     # A learned salience logit per word in each stream (zero at first): i2t adds it to the logits of
     # the words a region attends over, t2i weights each word's alignment by its softmax.
     word_salience: bool = False
+    # Each stream has its own towers (projections, pooling, contrastive embedding) instead of both
+    # reading the same unit vectors: two streams then err as differently as two separately trained models.
+    separate_streams: bool = False
     logit_scale_init: float = 20.0  # temperature of the contrastive term on global vectors
 
     # --- image side ------------------------------------------------------------------------
@@ -122,6 +125,8 @@ class TSHSRConfig:
             bad("reasoning_steps must be >= 0")
         if self.context_skip and "context" not in self.levels:
             bad("context_skip links local and global beside the context level; it needs the context level")
+        if self.separate_streams and set(self.streams) != set(STREAMS):
+            bad("separate_streams gives each of the two streams its own towers; it needs streams=('i2t', 't2i')")
         if "context" in self.levels and (self.context_units_image <= 0 or self.context_units_text <= 0):
             bad("the context level needs context_units_image > 0 and context_units_text > 0")
 
@@ -162,7 +167,8 @@ class TSHSRConfig:
                 data[key] = list(value)
         if data["backbone_sha256"] is None:  # nothing to pin: config.json stays as older versions wrote it
             del data["backbone_sha256"]
-        for flag in ("context_skip", "word_salience"):  # off: config.json (and its hash) as older versions wrote it
+        # off: config.json (and its hash) as older versions wrote it
+        for flag in ("context_skip", "word_salience", "separate_streams"):
             if not data[flag]:
                 del data[flag]
         return data

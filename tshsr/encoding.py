@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
+from torch import nn
 
 from .heads import context_units, l2norm, masked_softmax
 from .io import release_free_memory
@@ -165,3 +166,63 @@ def encode_side(feats, mask, proj, pool, embed, context_queries, cls, detach_con
         logits = logits * math.sqrt(units.shape[-1])
         membership = masked_softmax(logits, mask.unsqueeze(1), dim=2)
     return cls(units=units, mask=mask, pooled=pooled, embedding=embedding, membership=membership)
+
+
+class SideTowers(nn.Module):
+    """One set of the per-side trainable layers (projection, pooling, contrastive embedding of
+    the images and of the captions). A model with ``separate_streams`` gives its t2i stream this
+    second set; its own attributes (``image_proj``, ...) are then the i2t stream's."""
+
+    def __init__(self, image_dim: int, text_dim: int, embed_dim: int):
+        super().__init__()
+        self.image_proj, self.text_proj = nn.Linear(image_dim, embed_dim), nn.Linear(text_dim, embed_dim)
+        self.image_pool, self.text_pool = nn.Linear(embed_dim, 1), nn.Linear(embed_dim, 1)
+        for pool in (self.image_pool, self.text_pool):  # start as mean pooling
+            nn.init.zeros_(pool.weight)
+            nn.init.zeros_(pool.bias)
+        self.image_embed, self.text_embed = nn.Linear(image_dim, embed_dim), nn.Linear(text_dim, embed_dim)
+
+
+def encode_features(model, side: str, feats: torch.Tensor, mask: torch.Tensor) -> Encoding:
+    """``model``'s trainable encoding of one side's backbone features (``side``: "image" or
+    "text"). With ``separate_streams`` both streams' towers encode the side and the results are
+    joined (:func:`join_towers`); the context membership comes from the tower of the stream whose
+    queries the side provides (images: i2t, captions: t2i)."""
+    cls = ImageEncoding if side == "image" else TextEncoding
+    queries = getattr(model, f"{side}_context_queries") if model.has_context else None
+    detach = model._detach_context_units
+
+    def encode(tower, context_queries):
+        return encode_side(feats.float(), mask, getattr(tower, f"{side}_proj"), getattr(tower, f"{side}_pool"),
+                           getattr(tower, f"{side}_embed"), context_queries, cls, detach_context=detach)
+
+    if not model.config.separate_streams:
+        return encode(model, queries)
+    if side == "image":
+        first = encode(model, queries)
+        return join_towers(first, encode(model.t2i_towers, None), first.membership)
+    second = encode(model.t2i_towers, queries)
+    return join_towers(encode(model, None), second, second.membership)
+
+
+def join_towers(first: Encoding, second: Encoding, membership: torch.Tensor | None) -> Encoding:
+    """The encodings of the i2t and t2i towers side by side on the feature axis ([..., 2D]).
+    The embedding halves are scaled by 1/sqrt(2), so the plain dot product of two joined
+    embeddings (``TSHSRModel.global_similarity``, the shortlist) is the mean of the two streams'
+    cosines; :func:`stream_view` takes one stream's half back out."""
+    return type(first)(units=torch.cat([first.units, second.units], -1), mask=first.mask,
+                       pooled=torch.cat([first.pooled, second.pooled], -1),
+                       embedding=torch.cat([first.embedding, second.embedding], -1) / math.sqrt(2),
+                       membership=membership)
+
+
+def stream_view(values: dict[str, torch.Tensor], tower: int) -> dict[str, torch.Tensor]:
+    """One tower's half (0: i2t, 1: t2i) of the head inputs of a joined encoding: units, pooled
+    vector, unit embedding and the context units rebuilt from that half's units."""
+    width = values["units"].shape[-1] // 2
+    half = slice(tower * width, (tower + 1) * width)
+    out = {**values, "units": values["units"][..., half], "pooled": values["pooled"][..., half],
+           "embedding": values["embedding"][..., half] * math.sqrt(2)}
+    if "membership" in values:
+        out["context"] = context_units(out["units"], values["membership"])
+    return out

@@ -54,7 +54,12 @@ def matching_loss(model, images, texts, positive: torch.Tensor, settings: LossSe
     ``hardest`` switches the hinge from the sum of violations to the hardest negative."""
     similarity = model.global_similarity(images, texts)
     scale = model.logit_scale.exp().clamp(max=100.0)
-    parts = {"contrastive": contrastive_loss(similarity, positive, scale)}
+    if model.config.separate_streams:  # each stream's towers are a dual encoder of their own
+        half = images.embedding.shape[-1] // 2
+        towers = [2 * images.embedding[:, t] @ texts.embedding[:, t].T for t in (slice(0, half), slice(half, None))]
+        parts = {"contrastive": sum(contrastive_loss(c, positive, scale) for c in towers) / 2}
+    else:
+        parts = {"contrastive": contrastive_loss(similarity, positive, scale)}
     loss = settings.contrastive_weight * parts["contrastive"]
     weights = {"alignment": settings.alignment_weight, "alignment_joint": settings.alignment_joint,
                "alignment_complement": settings.alignment_complement}

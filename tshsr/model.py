@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .config import TSHSRConfig
 from .encoders import build_backbones
-from .encoding import Encoding, ImageEncoding, TextEncoding, encode_side
+from .encoding import Encoding, ImageEncoding, SideTowers, TextEncoding, encode_features
 from .hub import WEIGHTS_NAME, CheckpointError, check_backbones, load_model, model_card, save_model
 from .loss import LossSettings, MatchingLoss, matching_loss
 from .processing import InvalidInputError, TSHSRProcessor, Vocabulary
@@ -78,6 +78,8 @@ class TSHSRModel(
         self.head_kind = get_head(config.head)
         self.has_context = self.head_kind.has_context(config)
         self._detach_context_units = False  # training only: see HeadKind.set_context_detach
+        if config.separate_streams:  # the t2i stream's own towers (the attributes above are i2t's)
+            self.t2i_towers = SideTowers(Fi, Ft, D)
         if self.has_context:
             self.image_context_queries = nn.Parameter(torch.randn(config.context_units_image, D) / math.sqrt(D))
             self.text_context_queries = nn.Parameter(torch.randn(config.context_units_text, D) / math.sqrt(D))
@@ -135,16 +137,12 @@ class TSHSRModel(
         tok = {k: v.to(self.device) for k, v in self.processor.tokenize(texts).items()}
         return self.text_backbone(tok["input_ids"], tok["attention_mask"], tok["word_mask"])
 
-    # Trainable per-side encoding (tshsr.encoding.encode_side) ----------------------------------
+    # Trainable per-side encoding (tshsr.encoding.encode_features) -----------------------------
     def encode_image_features(self, regions: torch.Tensor, mask: torch.Tensor) -> ImageEncoding:
-        return encode_side(regions.float(), mask, self.image_proj, self.image_pool, self.image_embed,
-                           self.image_context_queries if self.has_context else None, ImageEncoding,
-                           detach_context=self._detach_context_units)
+        return encode_features(self, "image", regions, mask)
 
     def encode_text_features(self, tokens: torch.Tensor, mask: torch.Tensor) -> TextEncoding:
-        return encode_side(tokens.float(), mask, self.text_proj, self.text_pool, self.text_embed,
-                           self.text_context_queries if self.has_context else None, TextEncoding,
-                           detach_context=self._detach_context_units)
+        return encode_features(self, "text", tokens, mask)
 
     # Public encoding ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .encoding import stream_view
 from .heads import StreamHead
 from .sgraf import SGRAFHead
 
@@ -96,6 +97,20 @@ class HeadKind:
         return {}
 
 
+def stream_inputs(model, stream: str, img: dict, txt: dict, cosine: torch.Tensor | None = None,
+                  grid: tuple[int, int] | None = None):
+    """(query side, key side, global cosine) of one stream. With ``separate_streams`` each
+    stream reads its own tower's half of the encodings and its own towers' cosine (the
+    ``cosine`` given, the shortlist's, is then the mean of the two)."""
+    if model.config.separate_streams:
+        tower = 0 if stream == "i2t" else 1  # the model's own layers are i2t's, t2i_towers t2i's
+        img, txt = stream_view(img, tower), stream_view(txt, tower)
+        if cosine is not None:
+            cosine = ((img["embedding"] * txt["embedding"]).sum(-1) if grid is None
+                      else (img["embedding"] @ txt["embedding"].T).reshape(-1))
+    return (img, txt, cosine) if stream == "i2t" else (txt, img, cosine)
+
+
 @register_head("tshsr")
 class TwoStreamHierarchicalHead(HeadKind):
     """TSHSR: per stream (i2t, t2i) local/context/global nodes and hierarchical reasoning; the
@@ -124,8 +139,8 @@ class TwoStreamHierarchicalHead(HeadKind):
         contributions, level_scores, stream_scores, maps = {}, {}, {}, {}
         fusion = self.stream_weights(model)
         for stream, head in model.streams.items():
-            q, k = (img, txt) if stream == "i2t" else (txt, img)
-            levels, maps[stream] = head(q, k, cosine, want_maps=want_maps, grid=grid)
+            q, k, stream_cosine = stream_inputs(model, stream, img, txt, cosine, grid)
+            levels, maps[stream] = head(q, k, stream_cosine, want_maps=want_maps, grid=grid)
             level_w = head.level_weights()
             total = 0
             for j, (level, value) in enumerate(levels.items()):
@@ -139,7 +154,7 @@ class TwoStreamHierarchicalHead(HeadKind):
     def alignment_scores(self, model, img, txt, pairs: bool = False, levels=None) -> dict[str, torch.Tensor]:
         out = {}
         for stream, head in model.streams.items():
-            q, k = (img, txt) if stream == "i2t" else (txt, img)
+            q, k, _ = stream_inputs(model, stream, img, txt)
             values = head.alignment_pairs(q, k) if pairs else head.alignment_grid(q, k, levels)
             out.update({f"{stream}/{level}": v for level, v in values.items()})
         return out

@@ -32,7 +32,8 @@ Examples:
 # those a run changed.
 RECIPE_FIELDS = ("warmup_epochs", "margin", "grad_clip", "hard_negatives", "random_negatives", "aux_stream_weight",
                  "aux_level_weight", "mine_pool", "stream_fusion", "level_fusion", "level_cosine", "context_skip",
-                 "context_units", "word_salience", "alignment_weight", "alignment_joint", "alignment_chunk",
+                 "context_units", "word_salience", "separate_streams", "alignment_weight", "alignment_joint",
+                 "alignment_chunk",
                  "context_detach", "alignment_levels", "alignment_complement",
                  "contrastive_weight", "finetune_text", "finetune_image", "text_lr_mult", "image_lr_mult",
                  "fusion_lr_mult")
@@ -73,6 +74,7 @@ class TrainArgs:
     stream_fusion: str = "learned"
     level_fusion: str = "learned"
     level_cosine: bool = False  # local/context levels also carry SCAN's alignment (attended cosine)
+    separate_streams: bool = False  # each stream its own towers (projections, pooling, embedding)
     word_salience: bool = False  # a learned salience per word in each stream's attention / alignment
     context_skip: bool = False  # reasoning also links local and global directly (context beside, not between)
     context_units: list | None = None  # [image, text] context units (None: the preset's 6 and 4)
@@ -228,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-skip", action="store_true",
                    help="the reasoning graph also links the local and global levels directly, so the context "
                         "level is a path beside local -> global instead of the only one")
+    g.add_argument("--separate-streams", action="store_true",
+                   help="each stream has its own towers (projections, pooling and contrastive embedding of both "
+                        "sides), so the two streams no longer read the same unit vectors; with --preset dual: "
+                        "two dual encoders trained together, their cosines averaged")
     g.add_argument("--word-salience", action="store_true",
                    help="a learned salience per word: in i2t a prior on which words a region attends to, in t2i "
                         "the weight of each word's alignment (instead of every word, 'a' and 'the' included, alike)")
