@@ -87,6 +87,7 @@ def test_saved_and_reloaded_and_only_where_both_streams_exist(make_model, region
     model.save_pretrained(tmp_path / "m")
     again = TSHSRModel.from_pretrained(tmp_path / "m")
     assert again.config.separate_streams
+    assert "separate streams" in (tmp_path / "m" / "README.md").read_text()
     torch.testing.assert_close(again.score_encoded(*_encode(again, regions[:4], captions[:5])).scores, scores)
     # Configs without the flag read and hash as before.
     assert "separate_streams" not in TSHSRConfig.preset("tshsr").to_dict()

@@ -281,6 +281,9 @@ def _architecture_lines(config: TSHSRConfig) -> list[str]:
     lines = [f"- head `{config.head}`, streams {', '.join(config.streams)}, levels {', '.join(config.levels)}; "
              f"D = {config.embed_dim}, m = {config.sim_dim}",
              f"- image side: {image}; text side: {text}"]
+    if config.separate_streams:
+        lines.append("- separate streams: each stream has its own projections, pooling and contrastive embedding; "
+                     "the shortlist cosine is the mean of the two")
     if config.backbone_sha256:
         lines.append("- frozen pretrained backbones are not stored here; they are resolved by name when loading "
                      "(offline PyPI packages first) and checked against the sha256 in config.json.")
