@@ -286,3 +286,13 @@ def test_context_detach_trains_and_is_refused_without_a_context_level(data, tmp_
             "--context-detach`") in card
     flat = run(train_cmd(data, tmp_path / "flat", "--epochs", "1", "--preset", "flat", "--context-detach"))
     assert flat.returncode != 0 and "--context-detach needs a preset with the context level" in flat.stderr
+
+
+def test_separate_streams_trains_and_is_refused_with_one_stream(data, tmp_path):
+    result = run(train_cmd(data, tmp_path / "run", "--epochs", "1", "--preset", "tshsr", "--level-cosine",
+                           "--alignment-weight", "1.0", "--separate-streams", "--max-steps", "3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["separate_streams"] is True
+    assert "--separate-streams" in (tmp_path / "run" / "README.md").read_text()
+    one = run(train_cmd(data, tmp_path / "i2t", "--epochs", "1", "--preset", "i2t", "--separate-streams"))
+    assert one.returncode != 0 and "separate_streams" in one.stderr
