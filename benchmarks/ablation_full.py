@@ -38,18 +38,22 @@ BUDGET = ["--epochs", "4", "--lr-update", "3", "--batch-size", "128", "--embed-d
 NO_LEVELS = ("dual", "sgr", "saf")  # no levels to fuse or align: the budget alone
 WITH_CONTEXT = ("t2i", "i2t", "tshsr")  # --context-detach and --context-skip need a context level
 # The recipes, newest first. Each maps a preset to the flags it trains with beside BUDGET.
+#   v6: the streams study's "detach-skip-separate": v5 + --separate-streams (each stream its own towers) on the
+#       presets with two streams (tshsr, flat); t2i and i2t have one stream, so they keep v5's flags (and runs).
 #   v5: the streams study's "detach-skip": v4 + --context-skip (the reasoning also links local and global directly)
 #       on every preset with a context level; flat keeps v3's flags (it links them directly already).
 #   v4: the streams study's "detach" (benchmarks/streams_study.py): fixed-aux-align-nce + --context-detach on every
 #       preset with a context level; flat has none, so it keeps v3's flags (and its runs).
 #   v3: the streams study's "fixed-aux-align-nce" on every preset with levels.
+V5 = {**{p: [*ALIGN_NCE, "--context-detach", "--context-skip"] for p in WITH_CONTEXT}, "flat": ALIGN_NCE}
 ROUNDS: list[tuple[str, dict[str, list[str]]]] = [
-    ("v5", {**{p: [*ALIGN_NCE, "--context-detach", "--context-skip"] for p in WITH_CONTEXT}, "flat": ALIGN_NCE}),
+    ("v6", {**V5, "tshsr": [*V5["tshsr"], "--separate-streams"], "flat": [*ALIGN_NCE, "--separate-streams"]}),
+    ("v5", V5),
     ("v4", {**{p: [*ALIGN_NCE, "--context-detach"] for p in WITH_CONTEXT}, "flat": ALIGN_NCE}),
     ("v3", {p: ALIGN_NCE for p in ("t2i", "i2t", "flat", "tshsr")}),
 ]
 # Flags that name a run folder beside the preset, so that runs of different recipes never share one.
-FOLDER_TAGS = {"--context-detach": "detach", "--context-skip": "skip"}
+FOLDER_TAGS = {"--context-detach": "detach", "--context-skip": "skip", "--separate-streams": "separate"}
 
 
 def recipe(preset: str, round_: str = ROUNDS[0][0]) -> list[str]:

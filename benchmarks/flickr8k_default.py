@@ -26,7 +26,7 @@ from streams_study import BUDGET, RECIPES, _wall_seconds, validation_by_epoch  #
 
 # The default model trains with the recipe the streams study chose (benchmarks/streams_study.py),
 # at the study's budget; the dual encoder is its baseline at the same budget.
-DEFAULT_RECIPE = "detach-skip"
+DEFAULT_RECIPE = "detach-skip-separate"
 COMMON = ["--dataset", "flickr8k", "--split-val", "validation", *BUDGET, "--seed", "0", "--no-progress"]
 RUNS = {
     "tshsr": RECIPES[DEFAULT_RECIPE][1],
