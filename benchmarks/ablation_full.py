@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from results_md import git_commit, machine, write_section
-from streams_study import ALIGN_NCE, _history, _wall_seconds
+from streams_study import ALIGN_NCE, RUNS_STORE, _history, _wall_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "ablation_full.jsonl"
@@ -52,6 +52,10 @@ ROUNDS: list[tuple[str, dict[str, list[str]]]] = [
     ("v4", {**{p: [*ALIGN_NCE, "--context-detach"] for p in WITH_CONTEXT}, "flat": ALIGN_NCE}),
     ("v3", {p: ALIGN_NCE for p in ("t2i", "i2t", "flat", "tshsr")}),
 ]
+# Controls of a round, read from the streams study's records (benchmarks/results/streams_runs.jsonl): a model
+# that is not a preset but that a claim of the round has to be read against.
+CONTROLS = {"v6": ("dual-separate", "dual, two towers",
+                   "full model > dual encoder with as many towers (`--preset dual --separate-streams`)")}
 # Flags that name a run folder beside the preset, so that runs of different recipes never share one.
 FOLDER_TAGS = {"--context-detach": "detach", "--context-skip": "skip", "--separate-streams": "separate"}
 
@@ -136,6 +140,12 @@ def _round_table(records: list[dict], round_: str) -> list[str]:
             return text, False
         return text, (True if len(seeds) >= 3 else None)
 
+    control = _control_rsum(round_)
+    if control:
+        label = CONTROLS[round_][1]
+        lines.append(f"| {label} (control, streams study `{CONTROLS[round_][0]}`) | {len(control)} | | | | | | | "
+                     f"{_cell(list(control.values()))} | " + ", ".join(f"s{k} {v:.1f}" for k, v in control.items())
+                     + " |")
     lines += ["", "Seed by seed, RSUM of tshsr minus the other model (a claim holds when tshsr wins on all 3 "
               "paired seeds):"]
     for other, claim in (("t2i", "two streams > text-to-image only"), ("i2t", "two streams > image-to-text only"),
@@ -144,7 +154,24 @@ def _round_table(records: list[dict], round_: str) -> list[str]:
         verdict = ("not decided yet (tshsr ahead on fewer than 3 paired seeds)" if held is None
                    else "HELD" if held else "NOT held (tshsr is not ahead on every paired seed)")
         lines.append(f"- {claim}: {verdict}" + (f" — {', '.join(text)}" if text else ""))
+    if control:
+        gaps = [f"seed {k}: {by['tshsr', k]['metrics']['rsum'] - v:+.1f}" for k, v in control.items()
+                if ("tshsr", k) in by]
+        lines.append(f"- {CONTROLS[round_][2]}: " + (", ".join(gaps) if gaps else "no paired seed yet"))
     return lines
+
+
+def _control_rsum(round_: str) -> dict[int, float]:
+    """{seed: best validation RSUM} of the round's control runs in the streams study's records."""
+    if round_ not in CONTROLS or not RUNS_STORE.exists():
+        return {}
+    name = CONTROLS[round_][0]
+    out = {}
+    for line in RUNS_STORE.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("recipe") == name and record.get("history"):
+            out[int(record["name"].rsplit("-s", 1)[1])] = max(record["history"])
+    return dict(sorted(out.items()))
 
 
 def summarize(records: list[dict]) -> str:
