@@ -354,8 +354,7 @@ def test_context_detach_keeps_scores_and_cuts_the_context_gradient_into_units(ma
 def test_word_salience_starts_neutral_and_scores_the_same_on_every_path(make_model, regions, captions,
                                                                           tmp_path) -> None:
     from tshsr import TSHSRConfig, TSHSRModel
-    from tshsr.analysis import shortlisted_values
-    from tshsr.encoding import head_inputs
+    from tshsr.testing import assert_scoring_paths_agree
 
     flags = dict(level_cosine=True, context_skip=True)
     base = make_model("tshsr", **flags)
@@ -369,16 +368,8 @@ def test_word_salience_starts_neutral_and_scores_the_same_on_every_path(make_mod
             head.word_salience.normal_(0.0, 3.0, generator=torch.Generator().manual_seed(3))
     grid = model.score_encoded(images, texts, return_attention=True)
     assert not torch.allclose(grid.scores, base.score_encoded(*_encode(base, regions[:4], captions[:5])).scores)
-    pi, pt = torch.meshgrid(torch.arange(4), torch.arange(5), indexing="ij")
-    pairs = model.score_pairs(images, texts, pi.reshape(-1), pt.reshape(-1))
-    torch.testing.assert_close(pairs.scores.view(4, 5), grid.scores, atol=1e-5, rtol=1e-5)
-    # The training grid of alignment scores is the pair path's alignment, salience included.
-    s = shortlisted_values(model, images, texts, rerank_k=3)
-    with torch.no_grad():
-        aligned = model.head_kind.alignment_scores(model, head_inputs(images), head_inputs(texts))
-    for key, values in aligned.items():
-        expected = values.double().numpy()[np.arange(4)[:, None], s.i2t_cols]
-        np.testing.assert_allclose(s.i2t[f"{key} alignment"], expected, atol=1e-5)
+    # Pairs and grid agree, and the training grid of alignment scores is the pair path's, salience included.
+    assert_scoring_paths_agree(model, images, texts, grid.scores)
     # Saved and reloaded with the flag; configs without it read and hash as before; TSHSR heads only.
     model.save_pretrained(tmp_path / "m")
     again = TSHSRModel.from_pretrained(tmp_path / "m")

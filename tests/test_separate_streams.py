@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from tshsr import TSHSRConfig, TSHSRModel
-from tshsr.encoding import head_inputs
 from tshsr.loss import LossSettings, matching_loss
 from tshsr.losses import contrastive_loss
+from tshsr.testing import assert_scoring_paths_agree
 
 FLAGS = dict(level_cosine=True, context_skip=True, separate_streams=True)
 
@@ -40,8 +39,6 @@ def test_each_stream_reads_only_its_own_towers(make_model, regions, captions) ->
 
 def test_the_shortlist_cosine_is_the_mean_of_the_towers_and_every_path_agrees(make_model, regions,
                                                                            captions) -> None:
-    from tshsr.analysis import shortlisted_values
-
     model = make_model("tshsr", **FLAGS)
     images, texts = _encode(model, regions[:4], captions[:5])
     assert images.units.shape[-1] == 2 * model.config.embed_dim
@@ -50,17 +47,8 @@ def test_the_shortlist_cosine_is_the_mean_of_the_towers_and_every_path_agrees(ma
     for c in cosines:  # each tower's embedding is a unit vector of its own
         assert c.abs().max() <= 1 + 1e-5
     torch.testing.assert_close(model.global_similarity(images, texts), (cosines[0] + cosines[1]) / 2)
-    grid = model.score_encoded(images, texts)
-    pi, pt = torch.meshgrid(torch.arange(4), torch.arange(5), indexing="ij")
-    pairs = model.score_pairs(images, texts, pi.reshape(-1), pt.reshape(-1))
-    torch.testing.assert_close(pairs.scores.view(4, 5), grid.scores, atol=1e-5, rtol=1e-5)
-    # The alignment scores the loss trains are the ones the pair path blends into the levels.
-    s = shortlisted_values(model, images, texts, rerank_k=3)
-    with torch.no_grad():
-        aligned = model.head_kind.alignment_scores(model, head_inputs(images), head_inputs(texts))
-    for key, values in aligned.items():
-        expected = values.double().numpy()[np.arange(4)[:, None], s.i2t_cols]
-        np.testing.assert_allclose(s.i2t[f"{key} alignment"], expected, atol=1e-5)
+    # Pairs and grid agree; the alignment scores the loss trains are the ones the levels blend.
+    assert_scoring_paths_agree(model, images, texts)
 
 
 def test_each_tower_has_its_own_contrastive_term_and_trains(make_model, regions, captions) -> None:

@@ -35,3 +35,26 @@ def make_precomp(root: str | Path, n_train: int = 48, n_dev: int = 12, nan_image
         np.save(root / f"{split}_ims.npy", ims)
         (root / f"{split}_caps.txt").write_text("\n".join(caps) + "\n")
     return root
+
+
+def assert_scoring_paths_agree(model, images, texts, grid_scores=None) -> None:
+    """The pair path scores every (image, text) as the exhaustive grid does, and the alignment
+    scores the loss trains (``alignment_scores`` over all combinations) are the ones the pair path
+    blends into the level scores (as :func:`tshsr.analysis.shortlisted_values` reads them)."""
+    import torch
+
+    from .analysis import shortlisted_values
+    from .encoding import head_inputs
+
+    n_images, n_texts = len(images), len(texts)
+    if grid_scores is None:
+        grid_scores = model.score_encoded(images, texts).scores
+    pi, pt = torch.meshgrid(torch.arange(n_images), torch.arange(n_texts), indexing="ij")
+    pairs = model.score_pairs(images, texts, pi.reshape(-1), pt.reshape(-1))
+    torch.testing.assert_close(pairs.scores.view(n_images, n_texts), grid_scores, atol=1e-5, rtol=1e-5)
+    shortlist = shortlisted_values(model, images, texts, rerank_k=min(3, n_texts))
+    with torch.no_grad():
+        aligned = model.head_kind.alignment_scores(model, head_inputs(images), head_inputs(texts))
+    for key, values in aligned.items():
+        expected = values.double().numpy()[np.arange(n_images)[:, None], shortlist.i2t_cols]
+        np.testing.assert_allclose(shortlist.i2t[f"{key} alignment"], expected, atol=1e-5)
