@@ -90,6 +90,13 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                              "dual-lite2 seeds averaged gain +12 RSUM, the detach-skip-lite2 streams together +0.6)",
                              ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip",
                               "--separate-streams"]),
+    "detach-skip-separate-windows": ("detach-skip-separate + --context-pooling windows --context-units 9 4: each "
+                                     "context unit a fixed window (4 overlapping phrase windows along the caption, 3x3 "
+                                     "neighbourhoods on the 7x7 grid) instead of a learned soft group, whose "
+                                     "membership had spread over 10-15 of a caption's 15-17 tokens (so the context "
+                                     "level was a second, weaker global level)",
+                                     ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip",
+                                      "--separate-streams", "--context-pooling", "windows", "--context-units", "9", "4"]),
     "dual-separate": ("two dual encoders trained together, their cosines averaged (--preset dual --separate-streams): "
                       "how much of detach-skip-separate's gain two towers alone give",
                       ["--preset", "dual", "--separate-streams"]),

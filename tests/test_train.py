@@ -296,3 +296,17 @@ def test_separate_streams_trains_and_is_refused_with_one_stream(data, tmp_path):
     assert "--separate-streams" in (tmp_path / "run" / "README.md").read_text()
     one = run(train_cmd(data, tmp_path / "i2t", "--epochs", "1", "--preset", "i2t", "--separate-streams"))
     assert one.returncode != 0 and "separate_streams" in one.stderr
+
+
+def test_window_context_units_train_and_need_a_grid(data, tmp_path):
+    grid = make_precomp(tmp_path / "grid", regions=9)  # a 3x3 grid of regions
+    result = run(train_cmd(grid, tmp_path / "run", "--epochs", "1", "--preset", "tshsr", "--level-cosine",
+                           "--context-pooling", "windows", "--context-units", "4", "3", "--max-steps", "3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["context_pooling"] == "windows"
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "--context-pooling windows" in card and "3 phrase windows along each caption" in card
+    five = run(train_cmd(data, tmp_path / "five", "--epochs", "1", "--preset", "tshsr", "--context-pooling",
+                         "windows", "--context-units", "4", "3", "--max-steps", "3"))
+    assert five.returncode != 0 and "needs a square grid of regions" in five.stderr
+    assert not (tmp_path / "five" / "model.safetensors").exists()

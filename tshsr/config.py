@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,10 @@ class TSHSRConfig:
     reasoning_steps: int = 2  # bottom-up + top-down rounds (TSHSR) or SGR steps (sgr uses 3)
     context_units_image: int = 6  # learned soft-pooling units over regions
     context_units_text: int = 4  # learned soft-pooling units over words
+    # How a context unit pools its side's units: "learned" (soft clusters: a learned query per unit,
+    # softmax over the units) or "windows" (fixed overlapping windows: phrase windows along the caption,
+    # neighbourhoods on the image grid; context_units_image must then be a square, e.g. 9 for 3x3).
+    context_pooling: str = "learned"
     attention_smooth: float = 9.0  # lambda of SCAN's softmax(lambda * A)
     global_cosine: bool = True  # the global level also carries the dual-encoder cosine
     stream_fusion: str = "learned"  # "learned" (softmax weights) or "equal" (fixed, cannot collapse)
@@ -129,6 +134,12 @@ class TSHSRConfig:
             bad("separate_streams gives each of the two streams its own towers; it needs streams=('i2t', 't2i')")
         if "context" in self.levels and (self.context_units_image <= 0 or self.context_units_text <= 0):
             bad("the context level needs context_units_image > 0 and context_units_text > 0")
+        if self.context_pooling not in ("learned", "windows"):
+            bad(f"context_pooling={self.context_pooling!r}; expected 'learned' or 'windows'")
+        if self.context_pooling == "windows":
+            if math.isqrt(self.context_units_image) ** 2 != self.context_units_image:
+                bad(f"context_pooling='windows' lays the image context units out as a square grid of "
+                    f"neighbourhoods; context_units_image={self.context_units_image} is not a square (4, 9, 16)")
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -171,6 +182,8 @@ class TSHSRConfig:
         for flag in ("context_skip", "word_salience", "separate_streams"):
             if not data[flag]:
                 del data[flag]
+        if data["context_pooling"] == "learned":
+            del data["context_pooling"]
         return data
 
     @classmethod

@@ -147,12 +147,44 @@ def head_inputs(encoding: Encoding, index: torch.Tensor | None = None) -> dict[s
                           if (value := getattr(encoding, f.name)) is not None})
 
 
+def window_membership(mask: torch.Tensor, n_units: int, layout: str) -> torch.Tensor:
+    """[N, C, n] fixed context membership of ``n_units`` overlapping windows (each row sums to 1
+    over the valid units of ``mask`` [N, n]). ``layout`` "sequence": phrase windows, Gaussian in
+    the relative position along each caption's own length (unit c centred at (c + 0.5) / C, width
+    0.5 / C); "grid": neighbourhoods of a square grid of regions (row-major, as the timm encoder
+    flattens it), a sqrt(C) x sqrt(C) layout of Gaussians of the same relative width."""
+    mask = mask.bool()
+    n = mask.shape[1]
+    device = mask.device
+    if layout == "sequence":
+        length = mask.sum(1, keepdim=True).clamp_min(1).float()  # [N, 1]
+        where = (torch.arange(n, device=device).float() + 0.5) / length  # [N, n]
+        centres = (torch.arange(n_units, device=device).float() + 0.5) / n_units  # [C]
+        d2 = (where.unsqueeze(1) - centres.view(1, -1, 1)) ** 2  # [N, C, n]
+        width = 0.5 / n_units
+    else:
+        side, g = math.isqrt(n), math.isqrt(n_units)
+        if side * side != n or g * g != n_units:
+            raise ValueError(f"context_pooling='windows' needs a square grid of regions (a timm backbone's feature "
+                             f"map) and a square number of image context units; got {n} regions and {n_units} "
+                             f"units (detector regions have no layout: use context_pooling='learned')")
+        cells = (torch.arange(side, device=device).float() + 0.5) / side
+        ys, xs = cells.repeat_interleave(side), cells.repeat(side)  # row-major
+        centre = (torch.arange(g, device=device).float() + 0.5) / g
+        cy, cx = centre.repeat_interleave(g), centre.repeat(g)
+        d2 = ((ys.view(1, -1) - cy.view(-1, 1)) ** 2 + (xs.view(1, -1) - cx.view(-1, 1)) ** 2).unsqueeze(0)
+        width = 0.5 / g
+    logits = (-d2 / (2 * width ** 2)).expand(mask.shape[0], n_units, n)
+    return masked_softmax(logits, mask.unsqueeze(1), dim=2)
+
+
 def encode_side(feats, mask, proj, pool, embed, context_queries, cls, detach_context: bool = False):
     """One side's trainable encoding of backbone features [N, n, F] (mask [N, n]) into ``cls``:
     projected, L2-normalised units, an attention-pooled vector, the contrastive embedding of the
     pooled raw features and, with ``context_queries`` [C, D], each unit's context membership
     (``detach_context``: computed from the units without gradient, so that the context level
-    trains its queries but never the unit vectors; the values are the same)."""
+    trains its queries but never the unit vectors; the values are the same). ``context_queries``
+    may instead be ``(C, layout)``: fixed windows (:func:`window_membership`)."""
     mask = mask.bool()
     x = proj(feats)
     weights = masked_softmax(pool(x).squeeze(-1), mask, dim=1)  # [N, n]
@@ -161,7 +193,9 @@ def encode_side(feats, mask, proj, pool, embed, context_queries, cls, detach_con
     embedding = l2norm(embed(raw_pooled))
     units = l2norm(x) * mask.unsqueeze(-1)
     membership = None
-    if context_queries is not None:
+    if isinstance(context_queries, tuple):
+        membership = window_membership(mask, *context_queries)
+    elif context_queries is not None:
         logits = torch.einsum("cd,nkd->nck", context_queries, units.detach() if detach_context else units)
         logits = logits * math.sqrt(units.shape[-1])
         membership = masked_softmax(logits, mask.unsqueeze(1), dim=2)
@@ -183,13 +217,24 @@ class SideTowers(nn.Module):
         self.image_embed, self.text_embed = nn.Linear(image_dim, embed_dim), nn.Linear(text_dim, embed_dim)
 
 
+def context_pooling(model, side: str):
+    """What ``encode_side`` pools ``side``'s context units with: the learned queries [C, D], a
+    ``(C, layout)`` pair for fixed windows, or None (no context level)."""
+    if not model.has_context:
+        return None
+    if model.config.context_pooling == "windows":
+        units = model.config.context_units_image if side == "image" else model.config.context_units_text
+        return units, "grid" if side == "image" else "sequence"
+    return getattr(model, f"{side}_context_queries")
+
+
 def encode_features(model, side: str, feats: torch.Tensor, mask: torch.Tensor) -> Encoding:
     """``model``'s trainable encoding of one side's backbone features (``side``: "image" or
     "text"). With ``separate_streams`` both streams' towers encode the side and the results are
     joined (:func:`join_towers`); the context membership comes from the tower of the stream whose
     queries the side provides (images: i2t, captions: t2i)."""
     cls = ImageEncoding if side == "image" else TextEncoding
-    queries = getattr(model, f"{side}_context_queries") if model.has_context else None
+    queries = context_pooling(model, side)
     detach = model._detach_context_units
 
     def encode(tower, context_queries):

@@ -284,6 +284,9 @@ def _architecture_lines(config: TSHSRConfig) -> list[str]:
     if config.separate_streams:
         lines.append("- separate streams: each stream has its own projections, pooling and contrastive embedding; "
                      "the shortlist cosine is the mean of the two")
+    if "context" in config.levels and config.context_pooling == "windows":
+        lines.append(f"- context units are fixed windows: {config.context_units_text} phrase windows along each "
+                     f"caption, {config.context_units_image} neighbourhoods on the image grid")
     if config.backbone_sha256:
         lines.append("- frozen pretrained backbones are not stored here; they are resolved by name when loading "
                      "(offline PyPI packages first) and checked against the sha256 in config.json.")

@@ -80,7 +80,7 @@ class TSHSRModel(
         self._detach_context_units = False  # training only: see HeadKind.set_context_detach
         if config.separate_streams:  # the t2i stream's own towers (the attributes above are i2t's)
             self.t2i_towers = SideTowers(Fi, Ft, D)
-        if self.has_context:
+        if self.has_context and config.context_pooling == "learned":
             self.image_context_queries = nn.Parameter(torch.randn(config.context_units_image, D) / math.sqrt(D))
             self.text_context_queries = nn.Parameter(torch.randn(config.context_units_text, D) / math.sqrt(D))
 

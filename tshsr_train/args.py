@@ -32,7 +32,7 @@ Examples:
 # those a run changed.
 RECIPE_FIELDS = ("warmup_epochs", "margin", "grad_clip", "hard_negatives", "random_negatives", "aux_stream_weight",
                  "aux_level_weight", "mine_pool", "stream_fusion", "level_fusion", "level_cosine", "context_skip",
-                 "context_units", "word_salience", "separate_streams", "alignment_weight", "alignment_joint",
+                 "context_units", "context_pooling", "word_salience", "separate_streams", "alignment_weight", "alignment_joint",
                  "alignment_chunk",
                  "context_detach", "alignment_levels", "alignment_complement",
                  "contrastive_weight", "finetune_text", "finetune_image", "text_lr_mult", "image_lr_mult",
@@ -78,6 +78,7 @@ class TrainArgs:
     word_salience: bool = False  # a learned salience per word in each stream's attention / alignment
     context_skip: bool = False  # reasoning also links local and global directly (context beside, not between)
     context_units: list | None = None  # [image, text] context units (None: the preset's 6 and 4)
+    context_pooling: str = "learned"  # context units: "learned" soft groups or fixed "windows"
     alignment_weight: float = 0.0  # InfoNCE on each level's alignment score, within groups of captions
     alignment_joint: float = 0.0  # InfoNCE on the mean of the cosine and every alignment score
     alignment_chunk: int = 32
@@ -239,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the weight of each word's alignment (instead of every word, 'a' and 'the' included, alike)")
     g.add_argument("--context-units", type=int, nargs=2, metavar=("IMAGE", "TEXT"), default=d.context_units,
                    help="context units (learned soft groups) over regions and over words (default: 6 and 4)")
+    g.add_argument("--context-pooling", choices=("learned", "windows"), default=d.context_pooling,
+                   help="how a context unit groups its units: learned soft groups (a query per unit) or fixed "
+                        "overlapping windows (phrase windows along the caption, neighbourhoods on the image grid; "
+                        "the image count must then be a square: --context-units 9 4)")
     g.add_argument("--context-detach", action="store_true",
                    help="training only: the context level reads the unit vectors without gradient, so it "
                         "trains its own queries and nodes but never pulls on the units the local level aligns")

@@ -16,7 +16,8 @@ def build_config(args: TrainArgs, vocabulary: Vocabulary | None) -> TSHSRConfig:
                      finetune_text=args.finetune_text, finetune_image=args.finetune_image,
                      stream_fusion=args.stream_fusion, level_fusion=args.level_fusion,
                      level_cosine=args.level_cosine, context_skip=args.context_skip,
-                     word_salience=args.word_salience, separate_streams=args.separate_streams)
+                     word_salience=args.word_salience, separate_streams=args.separate_streams,
+                     context_pooling=args.context_pooling)
     if args.context_units:
         overrides.update(context_units_image=args.context_units[0], context_units_text=args.context_units[1])
     if args.dataset == "precomp":
@@ -36,7 +37,7 @@ MODEL_FLAGS = {
     "stream_fusion": ("stream_fusion",), "level_fusion": ("level_fusion",), "level_cosine": ("level_cosine",),
     "context_skip": ("context_skip",), "word_salience": ("word_salience",),
     "separate_streams": ("separate_streams",),
-    "context_units": ("context_units_image", "context_units_text"),
+    "context_units": ("context_units_image", "context_units_text"), "context_pooling": ("context_pooling",),
     "image_feature_dim": ("image_feature_dim",), "dataset": ("image_encoder",),
 }
 
