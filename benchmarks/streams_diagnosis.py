@@ -51,6 +51,20 @@ def store_record(record: dict, path: Path = STORE) -> list[dict]:
     return records
 
 
+def context_spread(encoding) -> dict | None:
+    """How far each context unit spreads over its side's units, on average over the items and the
+    units: the effective count exp(entropy of its membership) against the item's valid units. A
+    unit that spreads over nearly all of them is the item's mean, i.e. a second global vector."""
+    import torch
+
+    if encoding.membership is None:
+        return None
+    p = encoding.membership.float()
+    effective = torch.exp(-(p * p.clamp_min(1e-12).log()).sum(-1))  # [N, C]
+    return {"effective": round(float(effective.mean()), 2), "units": round(float(encoding.mask.sum(1).float().mean()), 2),
+            "count": int(p.shape[1])}
+
+
 def diagnose(name: str, model_dir: Path, data_dir: str, rerank_k: int | None, cache_dir: str) -> dict:
     import torch
 
@@ -75,7 +89,9 @@ def diagnose(name: str, model_dir: Path, data_dir: str, rerank_k: int | None, ca
         shortlisted = shortlisted_values(model, images, texts, rerank_k)
         metrics = part_metrics(model, images, texts, split.caption_image, rerank_k=rerank_k, shortlisted=shortlisted)
         agreement = stream_agreement(shortlisted, split.caption_image)
+    spread = {side: context_spread(enc) for side, enc in (("text", texts), ("image", images))}
     return {"name": name, "model": str(model_dir), "weights": _digest(model_dir), "agreement": agreement,
+            **({"context_spread": spread} if spread["text"] else {}),
             "protocol": "exhaustive" if rerank_k is None else f"rerank-{rerank_k}",
             "mixing_weights": {k: round(v, 4) for k, v in model.mixing_weights().items()},
             "metrics": {k: {"i2t": m["i2t"], "t2i": m["t2i"], "rsum": m["rsum"]} for k, m in metrics.items()},
@@ -114,7 +130,14 @@ def summarize(records: list[dict]) -> str:
                          f"of the {queries} queries, mean rank correlation {a['spearman']:.2f} over the shortlist; "
                          f"first candidate right for both {100 * a['both']:.1f} %, only i2t {100 * a['only_i2t']:.1f} "
                          f"%, only t2i {100 * a['only_t2i']:.1f} %, neither {100 * a['neither']:.1f} %.")
-        if rec.get("agreement"):
+        spread = rec.get("context_spread")
+        if spread:
+            t, i = spread["text"], spread["image"]
+            lines.append(f"- context units: each of the {t['count']} text units spreads over {t['effective']:.1f} of a "
+                         f"caption's {t['units']:.1f} tokens, each of the {i['count']} image units over "
+                         f"{i['effective']:.1f} of {i['units']:.0f} regions (effective count, exp of the entropy of "
+                         f"its membership).")
+        if rec.get("agreement") or spread:
             lines.append("")
     return "\n".join(lines)
 
