@@ -44,11 +44,46 @@ def store_record(record: dict, path: Path = STORE) -> list[dict]:
     this one diagnosed are kept, and it is replaced atomically."""
     records = [r for r in load_records(path) if not (r["name"] == record["name"] and r["protocol"] == record["protocol"])]
     records.append(record)
+    return _write(records, path)
+
+
+def _write(records: list[dict], path: Path = STORE) -> list[dict]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     tmp.replace(path)
     return records
+
+
+def _encode_validation(model_dir: Path, data_dir: str, cache_dir: str):
+    """(model, split, image encoding, text encoding) of Flickr8k validation."""
+    import torch
+
+    from tshsr import TSHSRModel
+    from tshsr.data import load_split
+    from tshsr_train.loop import BatchSource, encode_source
+
+    model = TSHSRModel.from_pretrained(model_dir)
+    split = load_split("imagefolder", "validation", data_dir=data_dir)
+    source = BatchSource(model, split, cache_dir, progress=True)
+    images, texts = encode_source(model, source, torch.device("cpu"))
+    return model, split, images, texts
+
+
+def add_spread(name: str, model_dir: Path, data_dir: str, cache_dir: str) -> list[dict]:
+    """Measure the context units' spread of an already diagnosed model (same name and weights) and
+    add it to its records in place (records written before the spread was measured)."""
+    records = load_records()
+    mine = [r for r in records if r["name"] == name and r["weights"] == _digest(model_dir)]
+    if not mine:
+        raise SystemExit(f"{name}: no diagnosis of these weights recorded; diagnose it first")
+    _, _, images, texts = _encode_validation(model_dir, data_dir, cache_dir)
+    spread = {"text": context_spread(texts), "image": context_spread(images)}
+    for record in mine:
+        if spread["text"]:
+            record["context_spread"] = spread
+    print(f"{name}: {spread}")
+    return _write(records)
 
 
 def context_spread(encoding) -> dict | None:
@@ -66,17 +101,9 @@ def context_spread(encoding) -> dict | None:
 
 
 def diagnose(name: str, model_dir: Path, data_dir: str, rerank_k: int | None, cache_dir: str) -> dict:
-    import torch
-
-    from tshsr import TSHSRModel
     from tshsr.analysis import part_metrics, shortlisted_values, stream_agreement
-    from tshsr.data import load_split
-    from tshsr_train.loop import BatchSource, encode_source
 
-    model = TSHSRModel.from_pretrained(model_dir)
-    split = load_split("imagefolder", "validation", data_dir=data_dir)
-    source = BatchSource(model, split, cache_dir, progress=True)
-    images, texts = encode_source(model, source, torch.device("cpu"))
+    model, split, images, texts = _encode_validation(model_dir, data_dir, cache_dir)
     start = time.time()
     if rerank_k is None:
         from tshsr.evaluate import resolve_compile
@@ -150,6 +177,8 @@ def main() -> None:
     p.add_argument("--cache-dir", default=str(ROOT / "cache" / "features"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--summary-only", action="store_true", help="rewrite the RESULTS section from the records")
+    p.add_argument("--spread-only", action="store_true",
+                   help="only measure the context units' spread of already diagnosed models and add it to their records")
     args = p.parse_args()
     if args.threads:
         import torch
@@ -161,6 +190,9 @@ def main() -> None:
     for spec in [] if args.summary_only else args.model:
         name, _, directory = spec.partition("=")
         model_dir = Path(directory or name)
+        if args.spread_only:
+            records = add_spread(name, model_dir, args.data_dir, args.cache_dir)
+            continue
         done = any(r["name"] == name and r["protocol"] == protocol and r["weights"] == _digest(model_dir)
                    and ("agreement" in r or rerank_k is None) for r in records)  # older: no stream agreement
         if done:
