@@ -97,6 +97,12 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                                      "level was a second, weaker global level)",
                                      ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip",
                                       "--separate-streams", "--context-pooling", "windows", "--context-units", "9", "4"]),
+    "detach-skip-separate-ctx0": ("detach-skip-separate + --level-fusion fixed --level-weights 1 0 1: the context "
+                                  "level feeds the reasoning (the global node gathers its nodes) but adds nothing to "
+                                  "the score by itself, whose level weights are then flat's (local and global 1/2 "
+                                  "each); removing the context score gained 1.5-3.1 RSUM on every seed",
+                                  ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip",
+                                   "--separate-streams", "--level-fusion", "fixed", "--level-weights", "1", "0", "1"]),
     "dual-separate": ("two dual encoders trained together, their cosines averaged (--preset dual --separate-streams): "
                       "how much of detach-skip-separate's gain two towers alone give",
                       ["--preset", "dual", "--separate-streams"]),

@@ -310,3 +310,14 @@ def test_window_context_units_train_and_need_a_grid(data, tmp_path):
                          "windows", "--context-units", "4", "3", "--max-steps", "3"))
     assert five.returncode != 0 and "needs a square grid of regions" in five.stderr
     assert not (tmp_path / "five" / "model.safetensors").exists()
+
+
+def test_fixed_level_weights_train_and_must_match_the_levels(data, tmp_path):
+    result = run(train_cmd(data, tmp_path / "run", "--epochs", "1", "--preset", "tshsr", "--level-fusion", "fixed",
+                           "--level-weights", "1", "0", "1", "--max-steps", "3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["level_weights"] == [1.0, 0.0, 1.0]
+    assert "--level-fusion fixed --level-weights 1.0 0.0 1.0" in (tmp_path / "run" / "README.md").read_text()
+    flat = run(train_cmd(data, tmp_path / "flat", "--epochs", "1", "--preset", "flat", "--level-fusion", "fixed",
+                         "--level-weights", "1", "0", "1"))
+    assert flat.returncode != 0 and "one non-negative weight per level" in flat.stderr

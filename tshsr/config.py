@@ -46,7 +46,8 @@ class TSHSRConfig:
     global_cosine: bool = True  # the global level also carries the dual-encoder cosine
     stream_fusion: str = "learned"  # "learned" (softmax weights) or "equal" (fixed, cannot collapse)
     level_cosine: bool = False  # local/context levels also carry SCAN's alignment (attended cosine)
-    level_fusion: str = "learned"  # "learned" (softmax weights per stream) or "equal" (fixed 1/levels)
+    level_fusion: str = "learned"  # "learned" (softmax weights per stream), "equal" (fixed 1/levels) or "fixed"
+    level_weights: tuple[float, ...] | None = None  # level_fusion "fixed": a weight per level, in `levels` order
     # The reasoning graph also links local and global directly (global gathers the local nodes, local
     # nodes read the global node), so the context level is a path beside local -> global, not between.
     context_skip: bool = False
@@ -120,9 +121,17 @@ class TSHSRConfig:
             bad("image_encoder='precomputed' needs image_feature_dim (e.g. 2048)")
         if self.text_encoder == "bigru" and self.vocab_size <= 0:
             bad("text_encoder='bigru' needs vocab_size > 0 (build it with tshsr.Vocabulary.build)")
-        for name in ("stream_fusion", "level_fusion"):
-            if getattr(self, name) not in ("learned", "equal"):
-                bad(f"{name}={getattr(self, name)!r}; expected 'learned' or 'equal'")
+        if self.stream_fusion not in ("learned", "equal"):
+            bad(f"stream_fusion={self.stream_fusion!r}; expected 'learned' or 'equal'")
+        if self.level_fusion not in ("learned", "equal", "fixed"):
+            bad(f"level_fusion={self.level_fusion!r}; expected 'learned', 'equal' or 'fixed'")
+        if (self.level_fusion == "fixed") != (self.level_weights is not None):
+            bad("level_fusion='fixed' and level_weights go together: one weight per level, in the order of levels")
+        if self.level_weights is not None:
+            self.level_weights = tuple(float(w) for w in self.level_weights)
+            if len(self.level_weights) != len(self.levels) or min(self.level_weights) < 0 or sum(self.level_weights) <= 0:
+                bad(f"level_weights={self.level_weights} must give one non-negative weight per level {self.levels} "
+                    f"(not all zero)")
         for name in ("embed_dim", "sim_dim", "max_text_length"):
             if getattr(self, name) <= 0:
                 bad(f"{name} must be positive")
@@ -184,6 +193,8 @@ class TSHSRConfig:
                 del data[flag]
         if data["context_pooling"] == "learned":
             del data["context_pooling"]
+        if data["level_weights"] is None:
+            del data["level_weights"]
         return data
 
     @classmethod

@@ -279,6 +279,8 @@ class StreamHead(nn.Module):
         self.detach_context_units = False  # set through HeadKind.set_context_detach (training only)
         if config.level_fusion == "learned":
             self.level_logits = nn.Parameter(torch.zeros(len(self.levels)))
+        total = sum(config.level_weights) if config.level_weights else 0.0
+        self.fixed_level_weights = tuple(w / total for w in config.level_weights) if config.level_weights else None
         # The local and context levels also carry SCAN's alignment score (the mean cosine of each
         # query unit with what it attends to), as the global level carries the global cosine.
         self.aligned_levels = tuple(lv for lv in self.levels if lv != "global") if config.level_cosine else ()
@@ -314,6 +316,8 @@ class StreamHead(nn.Module):
         if hasattr(self, "level_logits"):
             return torch.softmax(self.level_logits, 0)
         # Fixed weights: the loss cannot turn a level down, it has to make it useful.
+        if self.fixed_level_weights is not None:
+            return self.local_readout.score.weight.new_tensor(self.fixed_level_weights)
         return self.local_readout.score.weight.new_full((len(self.levels),), 1.0 / len(self.levels))
 
     def forward(self, q, k, cosine, want_maps: bool = False, grid: tuple[int, int] | None = None):

@@ -31,7 +31,7 @@ Examples:
 # The settings that make a training recipe (beside data, budget and machine): the model card lists
 # those a run changed.
 RECIPE_FIELDS = ("warmup_epochs", "margin", "grad_clip", "hard_negatives", "random_negatives", "aux_stream_weight",
-                 "aux_level_weight", "mine_pool", "stream_fusion", "level_fusion", "level_cosine", "context_skip",
+                 "aux_level_weight", "mine_pool", "stream_fusion", "level_fusion", "level_weights", "level_cosine", "context_skip",
                  "context_units", "context_pooling", "word_salience", "separate_streams", "alignment_weight", "alignment_joint",
                  "alignment_chunk",
                  "context_detach", "alignment_levels", "alignment_complement",
@@ -73,6 +73,7 @@ class TrainArgs:
     mine_pool: int = 0  # >0: the full model picks the hard negatives among this many cosine candidates
     stream_fusion: str = "learned"
     level_fusion: str = "learned"
+    level_weights: list | None = None  # --level-fusion fixed: a weight per level of the preset
     level_cosine: bool = False  # local/context levels also carry SCAN's alignment (attended cosine)
     separate_streams: bool = False  # each stream its own towers (projections, pooling, embedding)
     word_salience: bool = False  # a learned salience per word in each stream's attention / alignment
@@ -223,8 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-model", default=d.text_model, help="transformers name or local folder")
     g.add_argument("--stream-fusion", default=d.stream_fusion, choices=["learned", "equal"],
                    help="stream weights: learned softmax, or fixed equal (cannot collapse)")
-    g.add_argument("--level-fusion", default=d.level_fusion, choices=["learned", "equal"],
-                   help="level weights within a stream: learned softmax, or fixed equal")
+    g.add_argument("--level-fusion", default=d.level_fusion, choices=["learned", "equal", "fixed"],
+                   help="level weights within a stream: learned softmax, fixed equal, or fixed as --level-weights")
+    g.add_argument("--level-weights", type=float, nargs="+", default=d.level_weights, metavar="W",
+                   help="with --level-fusion fixed: a weight per level of the preset, in its order (tshsr: local "
+                        "context global), normalised to sum to 1; a level of weight 0 still feeds the reasoning")
     g.add_argument("--level-cosine", action="store_true",
                    help="the local and context levels also carry SCAN's alignment score (mean cosine of each "
                         "unit with what it attends to), as the global level carries the global cosine")

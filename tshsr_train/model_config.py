@@ -15,6 +15,7 @@ def build_config(args: TrainArgs, vocabulary: Vocabulary | None) -> TSHSRConfig:
                      image_weights=args.image_weights, text_model=args.text_model, text_encoder=args.text_encoder,
                      finetune_text=args.finetune_text, finetune_image=args.finetune_image,
                      stream_fusion=args.stream_fusion, level_fusion=args.level_fusion,
+                     level_weights=tuple(args.level_weights) if args.level_weights else None,
                      level_cosine=args.level_cosine, context_skip=args.context_skip,
                      word_salience=args.word_salience, separate_streams=args.separate_streams,
                      context_pooling=args.context_pooling)
@@ -34,7 +35,7 @@ MODEL_FLAGS = {
     "embed_dim": ("embed_dim",), "sim_dim": ("sim_dim",), "image_backbone": ("image_backbone",),
     "image_weights": ("image_weights",), "text_model": ("text_model",), "text_encoder": ("text_encoder",),
     "finetune_text": ("finetune_text",), "finetune_image": ("finetune_image",),
-    "stream_fusion": ("stream_fusion",), "level_fusion": ("level_fusion",), "level_cosine": ("level_cosine",),
+    "stream_fusion": ("stream_fusion",), "level_fusion": ("level_fusion",), "level_weights": ("level_weights",), "level_cosine": ("level_cosine",),
     "context_skip": ("context_skip",), "word_salience": ("word_salience",),
     "separate_streams": ("separate_streams",),
     "context_units": ("context_units_image", "context_units_text"), "context_pooling": ("context_pooling",),

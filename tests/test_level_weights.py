@@ -1,0 +1,32 @@
+"""level_fusion='fixed': a fixed weight per level, e.g. a context level that feeds the reasoning
+but adds nothing to the score by itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tshsr import TSHSRConfig, TSHSRModel
+
+
+def test_fixed_weights_set_each_level_share_and_round_trip(make_model, regions, captions, tmp_path) -> None:
+    model = make_model("tshsr", stream_fusion="equal", level_fusion="fixed", level_weights=(1, 0, 1))
+    weights = model.mixing_weights()
+    assert weights["i2t/context"] == 0 and weights["t2i/global"] == pytest.approx(0.25)
+    out = model.score(regions[:3], captions[:4])
+    assert out.contributions["i2t/context"].abs().max() == 0
+    torch.testing.assert_close(sum(out.contributions.values()), out.scores)
+    model.save_pretrained(tmp_path / "m")
+    again = TSHSRModel.from_pretrained(tmp_path / "m")
+    assert again.config.level_weights == (1.0, 0.0, 1.0)
+    torch.testing.assert_close(again.score(regions[:3], captions[:4]).scores, out.scores)
+
+
+def test_fixed_weights_are_checked_and_not_written_when_unused() -> None:
+    assert "level_weights" not in TSHSRConfig().to_dict()  # older config.json files hash as before
+    with pytest.raises(ValueError, match="go together"):
+        TSHSRConfig(level_fusion="fixed")
+    with pytest.raises(ValueError, match="one non-negative weight per level"):
+        TSHSRConfig(level_fusion="fixed", level_weights=(0.5, 0.5))
+    with pytest.raises(ValueError, match="one non-negative weight per level"):
+        TSHSRConfig(level_fusion="fixed", level_weights=(0, 0, 0))
