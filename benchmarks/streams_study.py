@@ -97,6 +97,15 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                                      "level was a second, weaker global level)",
                                      ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip",
                                       "--separate-streams", "--context-pooling", "windows", "--context-units", "9", "4"]),
+    "detach-skip-separate-windows-perpart": ("detach-skip-separate-windows with flat's loss weight on each part "
+                                             "(--alignment-weight 2 --aux-level-weight 0.75): the alignment InfoNCE "
+                                             "and the level hinges are means over 4 and 6 parts in tshsr, 2 and 4 in "
+                                             "flat, so tshsr's local and global parts learn at 1/2 and 2/3 of flat's "
+                                             "weight; with the context level detached this no longer feeds it into "
+                                             "the shared units",
+                                             ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip",
+                                              "--separate-streams", "--context-pooling", "windows", "--context-units",
+                                              "9", "4", "--alignment-weight", "2.0", "--aux-level-weight", "0.75"]),
     "detach-skip-separate-ctx0": ("detach-skip-separate + --level-fusion fixed --level-weights 1 0 1: the context "
                                   "level feeds the reasoning (the global node gathers its nodes) but adds nothing to "
                                   "the score by itself, whose level weights are then flat's (local and global 1/2 "
