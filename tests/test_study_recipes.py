@@ -1,0 +1,23 @@
+"""Every recipe of the streams study (benchmarks/streams_study.py) is a valid trainer command line:
+a typo in a recipe must fail here, not 50 minutes into a background run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the scripts import their siblings
+from streams_study import BUDGET, RECIPES  # noqa: E402
+
+from tshsr_train import parse_args  # noqa: E402
+from tshsr_train.model_config import build_config  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_flags_parse_and_build_a_config(name: str) -> None:
+    _, flags = RECIPES[name]
+    args = parse_args(["--dataset", "flickr8k", "--data-dir", "d", *flags, *BUDGET])
+    config = build_config(args, None)
+    assert config.preset_name == args.preset
