@@ -112,6 +112,12 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                                   "each); removing the context score gained 1.5-3.1 RSUM on every seed",
                                   ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip",
                                    "--separate-streams", "--level-fusion", "fixed", "--level-weights", "1", "0", "1"]),
+    "detach-skip-separate-windows-ctx0": ("detach-skip-separate-windows + --level-fusion fixed --level-weights 1 0 1: "
+                                          "window context units that feed the reasoning only (as a score, removing "
+                                          "the windows' context level still gained 0.8-1.0 RSUM)",
+                                          ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip",
+                                           "--separate-streams", "--context-pooling", "windows", "--context-units",
+                                           "9", "4", "--level-fusion", "fixed", "--level-weights", "1", "0", "1"]),
     "dual-separate": ("two dual encoders trained together, their cosines averaged (--preset dual --separate-streams): "
                       "how much of detach-skip-separate's gain two towers alone give",
                       ["--preset", "dual", "--separate-streams"]),
