@@ -36,6 +36,10 @@ ALIGN_NCE = [*FIXED, "--aux-level-weight", "0.5", "--level-cosine", "--alignment
 # Twice the epochs (the learning rate drops after 6 instead of 3): the kept recipe was still climbing at epoch 4.
 LONG = ["--epochs", "8", "--lr-update", "6"]
 LITE2 = ["--image-backbone", "tf_efficientnet_lite2"]
+# Recipe v6 (the default model's) and the changes the context-level recipes make to it.
+SEPARATE = ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip", "--separate-streams"]
+WINDOWS = ["--context-pooling", "windows", "--context-units", "9", "4"]
+SCORELESS_CONTEXT = ["--level-fusion", "fixed", "--level-weights", "1", "0", "1"]  # feeds the reasoning only
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "fixed-aux": ("fixed equal stream and level weights + a hinge on each of the six parts (weight 0.5)",
                   ["--preset", "tshsr", *FIXED, "--aux-level-weight", "0.5"]),
@@ -88,36 +92,30 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "detach-skip-separate": ("detach-skip + --separate-streams: each stream has its own towers (projections, pooling, "
                              "contrastive embedding), so the streams stop reading the same unit vectors (two "
                              "dual-lite2 seeds averaged gain +12 RSUM, the detach-skip-lite2 streams together +0.6)",
-                             ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip",
-                              "--separate-streams"]),
+                             SEPARATE),
     "detach-skip-separate-windows": ("detach-skip-separate + --context-pooling windows --context-units 9 4: each "
                                      "context unit a fixed window (4 overlapping phrase windows along the caption, 3x3 "
                                      "neighbourhoods on the 7x7 grid) instead of a learned soft group, whose "
                                      "membership had spread over 10-15 of a caption's 15-17 tokens (so the context "
                                      "level was a second, weaker global level)",
-                                     ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip",
-                                      "--separate-streams", "--context-pooling", "windows", "--context-units", "9", "4"]),
+                                     [*SEPARATE, *WINDOWS]),
     "detach-skip-separate-windows-perpart": ("detach-skip-separate-windows with flat's loss weight on each part "
                                              "(--alignment-weight 2 --aux-level-weight 0.75): the alignment InfoNCE "
                                              "and the level hinges are means over 4 and 6 parts in tshsr, 2 and 4 in "
                                              "flat, so tshsr's local and global parts learn at 1/2 and 2/3 of flat's "
                                              "weight; with the context level detached this no longer feeds it into "
                                              "the shared units",
-                                             ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip",
-                                              "--separate-streams", "--context-pooling", "windows", "--context-units",
-                                              "9", "4", "--alignment-weight", "2.0", "--aux-level-weight", "0.75"]),
+                                             [*SEPARATE, *WINDOWS, "--alignment-weight", "2.0",
+                                              "--aux-level-weight", "0.75"]),
     "detach-skip-separate-ctx0": ("detach-skip-separate + --level-fusion fixed --level-weights 1 0 1: the context "
                                   "level feeds the reasoning (the global node gathers its nodes) but adds nothing to "
                                   "the score by itself, whose level weights are then flat's (local and global 1/2 "
                                   "each); removing the context score gained 1.5-3.1 RSUM on every seed",
-                                  ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip",
-                                   "--separate-streams", "--level-fusion", "fixed", "--level-weights", "1", "0", "1"]),
+                                  [*SEPARATE, *SCORELESS_CONTEXT]),
     "detach-skip-separate-windows-ctx0": ("detach-skip-separate-windows + --level-fusion fixed --level-weights 1 0 1: "
                                           "window context units that feed the reasoning only (as a score, removing "
                                           "the windows' context level still gained 0.8-1.0 RSUM)",
-                                          ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip",
-                                           "--separate-streams", "--context-pooling", "windows", "--context-units",
-                                           "9", "4", "--level-fusion", "fixed", "--level-weights", "1", "0", "1"]),
+                                          [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT]),
     "dual-separate": ("two dual encoders trained together, their cosines averaged (--preset dual --separate-streams): "
                       "how much of detach-skip-separate's gain two towers alone give",
                       ["--preset", "dual", "--separate-streams"]),
