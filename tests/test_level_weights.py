@@ -30,3 +30,15 @@ def test_fixed_weights_are_checked_and_not_written_when_unused() -> None:
         TSHSRConfig(level_fusion="fixed", level_weights=(0.5, 0.5))
     with pytest.raises(ValueError, match="one non-negative weight per level"):
         TSHSRConfig(level_fusion="fixed", level_weights=(0, 0, 0))
+
+
+def test_the_demo_says_which_parts_have_no_score_weight(make_model) -> None:
+    pytest.importorskip("gradio")
+    from tshsr_app.page import weights_note
+
+    assert weights_note(make_model("tshsr").mixing_weights()) == ""
+    note = weights_note(make_model("tshsr", stream_fusion="equal", level_fusion="fixed",
+                                   level_weights=(1, 0, 1)).mixing_weights())
+    assert "context level has no weight" in note and "empty by design" in note
+    assert weights_note({"i2t/local": 0.5, "i2t/context": 0.0, "t2i/local": 0.5, "t2i/context": 0.25}) == (
+        "Parts with no weight in this model's score (their bars are empty): i2t/context.")

@@ -164,6 +164,22 @@ Two-stream Hierarchical Similarity Reasoning: every score is the sum of six part
 The bars show these parts exactly as the model returned them; the heatmaps show the attention behind one match."""
 
 
+def weights_note(weights: dict[str, float]) -> str:
+    """A sentence naming the parts whose score weight is 0 in this model (their bars are always
+    empty), or "" when every part has a share of the score."""
+    silent = [key for key, w in weights.items() if w == 0.0]
+    if not silent:
+        return ""
+    streams = {key.split("/", 1)[0] for key in weights}
+    levels = {key.split("/", 1)[1] for key in silent}
+    whole = [lv for lv in dict.fromkeys(k.split("/", 1)[1] for k in silent)
+             if all(f"{st}/{lv}" in silent for st in streams)]
+    if len(whole) == len(levels) and "global" not in levels:
+        return (f"In this model the {' and '.join(whole)} level has no weight in the score: it feeds the global "
+                "level through the reasoning, so its bars are empty by design.")
+    return f"Parts with no weight in this model's score (their bars are empty): {', '.join(silent)}."
+
+
 def _explain_row(label: str):
     """The components that explain one match: summary, word heatmaps, region plot, region table."""
     summary = gr.Markdown()
@@ -257,8 +273,9 @@ def build_demo(engine: DemoEngine, max_upload_size: str = "10mb") -> gr.Blocks:
               f"{max_upload_size} and {MAX_IMAGE_PIXELS:,} pixels; {MAX_SESSION_UPLOADS} added photos a session.")
     with gr.Blocks(title="TSHSR image-text matching") as demo:
         gr.Markdown(INTRO)
+        note = weights_note(engine.model.mixing_weights())
         gr.Markdown(f"Model: `{engine.model_name}` · gallery: {len(engine.gallery)} photos · caption pool: "
-                    f"{len(engine.pool)} captions. {limits}")
+                    f"{len(engine.pool)} captions. {note + ' ' if note else ''}{limits}")
         with gr.Tab("Image → captions"):
             _captions_tab(engine, handlers)
         with gr.Tab("Caption → images"):
