@@ -40,6 +40,7 @@ LITE2 = ["--image-backbone", "tf_efficientnet_lite2"]
 SEPARATE = ["--preset", "tshsr", *ALIGN_NCE, "--context-detach", "--context-skip", "--separate-streams"]
 WINDOWS = ["--context-pooling", "windows", "--context-units", "9", "4"]
 SCORELESS_CONTEXT = ["--level-fusion", "fixed", "--level-weights", "1", "0", "1"]  # feeds the reasoning only
+UNIT_DROPOUT = ["--unit-dropout", "0.2"]  # feature-level augmentation: a fifth of the regions and words hidden
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "fixed-aux": ("fixed equal stream and level weights + a hinge on each of the six parts (weight 0.5)",
                   ["--preset", "tshsr", *FIXED, "--aux-level-weight", "0.5"]),
@@ -116,6 +117,14 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                                           "window context units that feed the reasoning only (as a score, removing "
                                           "the windows' context level still gained 0.8-1.0 RSUM)",
                                           [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT]),
+    "detach-skip-separate-windows-ctx0-udrop": ("detach-skip-separate-windows-ctx0 + --unit-dropout 0.2: each step "
+                                                "hides a fifth of the regions and words (feature-level augmentation "
+                                                "of the cached features); tshsr has more head than flat, longer "
+                                                "training overfits, so regularising may pay it more than flat",
+                                                [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, *UNIT_DROPOUT]),
+    "flat-separate-udrop": ("flat with two towers (the decisive ablation's flat, --preset flat --separate-streams) "
+                            "+ --unit-dropout 0.2: the comparison for detach-skip-separate-windows-ctx0-udrop",
+                            ["--preset", "flat", *ALIGN_NCE, "--separate-streams", *UNIT_DROPOUT]),
     "dual-separate": ("two dual encoders trained together, their cosines averaged (--preset dual --separate-streams): "
                       "how much of detach-skip-separate's gain two towers alone give",
                       ["--preset", "dual", "--separate-streams"]),

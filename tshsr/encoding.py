@@ -157,7 +157,10 @@ def window_membership(mask: torch.Tensor, n_units: int, layout: str) -> torch.Te
     n = mask.shape[1]
     device = mask.device
     if layout == "sequence":
-        length = mask.sum(1, keepdim=True).clamp_min(1).float()  # [N, 1]
+        # A caption's length is the span to its last valid token: the same as the count for a
+        # padded caption, and units hidden in training (--unit-dropout) do not move the windows.
+        span = torch.arange(1, n + 1, device=device) * mask
+        length = span.amax(1, keepdim=True).clamp_min(1).float()  # [N, 1]
         where = (torch.arange(n, device=device).float() + 0.5) / length  # [N, n]
         centres = (torch.arange(n_units, device=device).float() + 0.5) / n_units  # [C]
         d2 = (where.unsqueeze(1) - centres.view(1, -1, 1)) ** 2  # [N, C, n]

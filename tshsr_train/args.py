@@ -34,7 +34,7 @@ RECIPE_FIELDS = ("warmup_epochs", "margin", "grad_clip", "hard_negatives", "rand
                  "aux_level_weight", "mine_pool", "stream_fusion", "level_fusion", "level_weights", "level_cosine", "context_skip",
                  "context_units", "context_pooling", "word_salience", "separate_streams", "alignment_weight", "alignment_joint",
                  "alignment_chunk",
-                 "context_detach", "alignment_levels", "alignment_complement",
+                 "context_detach", "alignment_levels", "alignment_complement", "unit_dropout",
                  "contrastive_weight", "finetune_text", "finetune_image", "text_lr_mult", "image_lr_mult",
                  "fusion_lr_mult")
 
@@ -87,6 +87,7 @@ class TrainArgs:
     alignment_levels: str = "all"  # "local": the InfoNCE skips the context level's alignment
     alignment_complement: float = 0.0  # InfoNCE on each stream's alignment + the other's (no gradient)
     contrastive_weight: float = 1.0
+    unit_dropout: float = 0.0  # training only: each region and word is hidden with this probability
     finetune_text: bool = False
     finetune_image: bool = False
     text_lr_mult: float = 0.1
@@ -147,6 +148,13 @@ class TrainArgs:
         return LossSettings.from_args(self)
 
 
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
 def _add_optimisation_flags(p: argparse.ArgumentParser, d: TrainArgs) -> None:
     """The optimisation and loss flags (their own function: the parser stays readable)."""
     g = p.add_argument_group("optimisation")
@@ -183,6 +191,10 @@ def _add_optimisation_flags(p: argparse.ArgumentParser, d: TrainArgs) -> None:
     g.add_argument("--alignment-complement", type=float, default=d.alignment_complement,
                    help="weight of an InfoNCE on each stream's alignment score plus the other stream's at the same "
                         "level (the other without gradient): each stream learns where the other ranks wrong")
+    g.add_argument("--unit-dropout", type=_probability, default=d.unit_dropout,
+                   help="training only: hide each image region and each word from the model with this probability "
+                        "(a fresh draw every step; each item keeps at least one): feature-level augmentation "
+                        "of the cached features")
     g.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
     g.add_argument("--device", default=d.device)
     g.add_argument("--threads", type=int, default=d.threads, help="CPU threads (torch.set_num_threads)")

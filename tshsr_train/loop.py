@@ -114,6 +114,17 @@ class BatchSource:
         return self.cached.text_batch(index, device)
 
 
+def drop_units(mask: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """``mask`` [N, n] with each valid unit hidden with probability ``p`` (``--unit-dropout``);
+    an item that would lose every unit keeps its own mask. Drawn from the step's generator, so a
+    resumed run hides the same units."""
+    valid = mask.bool()
+    kept = valid & (torch.rand(valid.shape, generator=generator) >= p).to(valid.device)
+    empty = ~kept.any(dim=1)
+    kept[empty] = valid[empty]
+    return kept.to(mask.dtype)
+
+
 def compute_loss(model: TSHSRModel, images, image_mask, texts, text_mask, positive, args: TrainArgs,
                  hardest: bool, generator: torch.Generator):
     """(loss, parts) of a batch of backbone features: the model's forward with ``args``' loss settings."""
@@ -339,6 +350,9 @@ def _train_step(r: _Run, order: torch.Tensor, epoch: int):
     with torch.autocast(device.type, dtype=r.autocast_dtype, enabled=r.autocast_dtype is not None):
         regions, region_mask = r.train_source.images(unique.numpy(), device)
         tokens, token_mask = r.train_source.texts(captions.numpy(), device)
+        if args.unit_dropout > 0:
+            region_mask = drop_units(region_mask, args.unit_dropout, gen)
+            token_mask = drop_units(token_mask, args.unit_dropout, gen)
         if r.ddp is None:
             loss, parts = compute_loss(model, regions.to(device), region_mask.to(device), tokens.to(device),
                                        token_mask.to(device), positive, args,
