@@ -19,6 +19,8 @@ def test_fixed_weights_set_each_level_share_and_round_trip(make_model, regions, 
     model.save_pretrained(tmp_path / "m")
     again = TSHSRModel.from_pretrained(tmp_path / "m")
     assert again.config.level_weights == (1.0, 0.0, 1.0)
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "local 0.50, context 0.00, global 0.50 (the context level feeds the global level" in card
     torch.testing.assert_close(again.score(regions[:3], captions[:4]).scores, out.scores)
 
 
