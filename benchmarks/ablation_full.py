@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from results_md import git_commit, machine, write_section
-from streams_study import ALIGN_NCE, RUNS_STORE, _history, _wall_seconds
+from streams_study import ALIGN_NCE, RUNS_STORE, SCORELESS_CONTEXT, WINDOWS, _history, _wall_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "ablation_full.jsonl"
@@ -38,6 +38,10 @@ BUDGET = ["--epochs", "4", "--lr-update", "3", "--batch-size", "128", "--embed-d
 NO_LEVELS = ("dual", "sgr", "saf")  # no levels to fuse or align: the budget alone
 WITH_CONTEXT = ("t2i", "i2t", "tshsr")  # --context-detach and --context-skip need a context level
 # The recipes, newest first. Each maps a preset to the flags it trains with beside BUDGET.
+#   v7: the streams study's "detach-skip-separate-windows-ctx0": v6 + fixed window context units
+#       (--context-pooling windows --context-units 9 4) that feed the reasoning without a score weight
+#       (--level-fusion fixed --level-weights 1 0 1) on every preset with a context level; flat has none, so it
+#       keeps v6's flags (and runs).
 #   v6: the streams study's "detach-skip-separate": v5 + --separate-streams (each stream its own towers) on the
 #       presets with two streams (tshsr, flat); t2i and i2t have one stream, so they keep v5's flags (and runs).
 #   v5: the streams study's "detach-skip": v4 + --context-skip (the reasoning also links local and global directly)
@@ -46,18 +50,22 @@ WITH_CONTEXT = ("t2i", "i2t", "tshsr")  # --context-detach and --context-skip ne
 #       preset with a context level; flat has none, so it keeps v3's flags (and its runs).
 #   v3: the streams study's "fixed-aux-align-nce" on every preset with levels.
 V5 = {**{p: [*ALIGN_NCE, "--context-detach", "--context-skip"] for p in WITH_CONTEXT}, "flat": ALIGN_NCE}
+V6 = {**V5, "tshsr": [*V5["tshsr"], "--separate-streams"], "flat": [*ALIGN_NCE, "--separate-streams"]}
 ROUNDS: list[tuple[str, dict[str, list[str]]]] = [
-    ("v6", {**V5, "tshsr": [*V5["tshsr"], "--separate-streams"], "flat": [*ALIGN_NCE, "--separate-streams"]}),
+    ("v7", {**V6, **{p: [*V6[p], *WINDOWS, *SCORELESS_CONTEXT] for p in WITH_CONTEXT}}),
+    ("v6", V6),
     ("v5", V5),
     ("v4", {**{p: [*ALIGN_NCE, "--context-detach"] for p in WITH_CONTEXT}, "flat": ALIGN_NCE}),
     ("v3", {p: ALIGN_NCE for p in ("t2i", "i2t", "flat", "tshsr")}),
 ]
 # Controls of a round, read from the streams study's records (benchmarks/results/streams_runs.jsonl): a model
 # that is not a preset but that a claim of the round has to be read against.
-CONTROLS = {"v6": ("dual-separate", "dual, two towers",
-                   "full model > dual encoder with as many towers (`--preset dual --separate-streams`)")}
+TWO_TOWER_DUAL = ("dual-separate", "dual, two towers",
+                  "full model > dual encoder with as many towers (`--preset dual --separate-streams`)")
+CONTROLS = {"v7": TWO_TOWER_DUAL, "v6": TWO_TOWER_DUAL}
 # Flags that name a run folder beside the preset, so that runs of different recipes never share one.
-FOLDER_TAGS = {"--context-detach": "detach", "--context-skip": "skip", "--separate-streams": "separate"}
+FOLDER_TAGS = {"--context-detach": "detach", "--context-skip": "skip", "--separate-streams": "separate",
+               "--context-pooling": "windows", "--level-weights": "ctx0"}
 
 
 def recipe(preset: str, round_: str = ROUNDS[0][0]) -> list[str]:
