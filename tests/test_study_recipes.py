@@ -21,3 +21,19 @@ def test_recipe_flags_parse_and_build_a_config(name: str) -> None:
     args = parse_args(["--dataset", "flickr8k", "--data-dir", "d", *flags, *BUDGET])
     config = build_config(args, None)
     assert config.preset_name == args.preset
+
+
+def _ablation_runs() -> list[tuple[str, str]]:
+    from ablation_full import ROUNDS
+
+    return [(round_, preset) for round_, flags in ROUNDS for preset in flags]
+
+
+@pytest.mark.parametrize("round_,preset", _ablation_runs())
+def test_every_ablation_round_builds_each_preset(round_: str, preset: str) -> None:
+    from ablation_full import BUDGET as ABLATION_BUDGET
+    from ablation_full import recipe
+
+    args = parse_args(["--dataset", "flickr8k", "--data-dir", "d", "--preset", preset, *recipe(preset, round_),
+                       *ABLATION_BUDGET])
+    assert build_config(args, None).preset_name == preset
