@@ -290,10 +290,11 @@ def _architecture_lines(config: TSHSRConfig) -> list[str]:
     if config.level_fusion == "fixed" and config.level_weights is not None:
         total = sum(config.level_weights)
         shares = ", ".join(f"{lv} {w / total:.2f}" for lv, w in zip(config.levels, config.level_weights))
-        silent = [lv for lv, w in zip(config.levels, config.level_weights) if w == 0]
+        # a lower level without a score weight still reaches the score through the global node
+        silent = [lv for lv, w in zip(config.levels, config.level_weights) if w == 0 and lv != "global"]
         lines.append(f"- fixed level weights in each stream's score: {shares}"
-                     + (f" (the {' and '.join(silent)} level feeds the global level through the reasoning only)"
-                        if silent else ""))
+                     + (f" (the {' and '.join(silent)} {'levels feed' if len(silent) > 1 else 'level feeds'} the "
+                        "global level through the reasoning only)" if silent else ""))
     if config.backbone_sha256:
         lines.append("- frozen pretrained backbones are not stored here; they are resolved by name when loading "
                      "(offline PyPI packages first) and checked against the sha256 in config.json.")

@@ -175,8 +175,10 @@ def weights_note(weights: dict[str, float]) -> str:
     whole = [lv for lv in dict.fromkeys(k.split("/", 1)[1] for k in silent)
              if all(f"{st}/{lv}" in silent for st in streams)]
     if len(whole) == len(levels) and "global" not in levels:
-        return (f"In this model the {' and '.join(whole)} level has no weight in the score: it feeds the global "
-                "level through the reasoning, so its bars are empty by design.")
+        one = len(whole) == 1
+        return (f"In this model the {' and '.join(whole)} {'level has' if one else 'levels have'} no weight in the "
+                f"score: {'it feeds' if one else 'they feed'} the global level through the reasoning, so "
+                f"{'its' if one else 'their'} bars are empty by design.")
     return f"Parts with no weight in this model's score (their bars are empty): {', '.join(silent)}."
 
 
