@@ -6,7 +6,9 @@
 
 For every model: R@1/5/10 and RSUM of the full score, of the cosine of its global vectors, of
 each of the six stream/level scores alone, of each stream alone, and leave-one-out (the full
-score without one stream's contributions, or without one level's). ``--rerank-k 0`` (default)
+score without one stream's contributions, or without one level's), and for a model with a
+context level the full score with that level cut out of the reasoning graph (knock-out: what the
+other levels lose without it). ``--rerank-k 0`` (default)
 scores all 5M pairs; ``--rerank-k K`` gives every ranker the same cosine top-K shortlist (cheap,
 for comparing training recipes). One JSON line per (model, protocol) goes to
 benchmarks/results/streams.jsonl (a model already recorded with the same weights is not
@@ -86,6 +88,28 @@ def add_spread(name: str, model_dir: Path, data_dir: str, cache_dir: str) -> lis
     return _write(records)
 
 
+def add_knockout(name: str, model_dir: Path, data_dir: str, cache_dir: str, rerank_k: int | None) -> list[dict]:
+    """Score an already diagnosed model (same name, weights and protocol) with its context level cut
+    from the reasoning and add those rankers to its record in place (records written before the
+    knock-out was measured)."""
+    from tshsr.analysis import knockout_metrics
+
+    protocol = "exhaustive" if rerank_k is None else f"rerank-{rerank_k}"
+    records = load_records()
+    mine = [r for r in records if r["name"] == name and r["weights"] == _digest(model_dir) and r["protocol"] == protocol]
+    if not mine:
+        raise SystemExit(f"{name}: no {protocol} diagnosis of these weights recorded; diagnose it first")
+    model, split, images, texts = _encode_validation(model_dir, data_dir, cache_dir)
+    score_all = (lambda: model.score_encoded(images, texts, progress=True)) if rerank_k is None else None
+    knocked = knockout_metrics(model, images, texts, split.caption_image, rerank_k=rerank_k, score_all=score_all)
+    if not knocked:
+        raise SystemExit(f"{name}: the model has no context level in its reasoning to cut")
+    for record in mine:
+        record["metrics"].update({k: {"i2t": m["i2t"], "t2i": m["t2i"], "rsum": m["rsum"]} for k, m in knocked.items()})
+    print(f"{name}: " + ", ".join(f"{k} {m['rsum']:.1f}" for k, m in knocked.items()))
+    return _write(records)
+
+
 def context_spread(encoding) -> dict | None:
     """How far each context unit spreads over its side's units, on average over the items and the
     units: the effective count exp(entropy of its membership) against the item's valid units. A
@@ -101,7 +125,7 @@ def context_spread(encoding) -> dict | None:
 
 
 def diagnose(name: str, model_dir: Path, data_dir: str, rerank_k: int | None, cache_dir: str) -> dict:
-    from tshsr.analysis import part_metrics, shortlisted_values, stream_agreement
+    from tshsr.analysis import knockout_metrics, part_metrics, shortlisted_values, stream_agreement
 
     model, split, images, texts = _encode_validation(model_dir, data_dir, cache_dir)
     start = time.time()
@@ -109,13 +133,15 @@ def diagnose(name: str, model_dir: Path, data_dir: str, rerank_k: int | None, ca
         from tshsr.evaluate import resolve_compile
 
         compile = resolve_compile("auto", model, len(images) * len(texts), images.device)
-        metrics = part_metrics(model, images, texts, split.caption_image,
-                               score_all=lambda: model.score_encoded(images, texts, progress=True, compile=compile))
+        score_all = lambda: model.score_encoded(images, texts, progress=True, compile=compile)  # noqa: E731
+        metrics = part_metrics(model, images, texts, split.caption_image, score_all=score_all)
+        metrics.update(knockout_metrics(model, images, texts, split.caption_image, score_all=score_all))
         agreement = {}
     else:
         shortlisted = shortlisted_values(model, images, texts, rerank_k)
         metrics = part_metrics(model, images, texts, split.caption_image, rerank_k=rerank_k, shortlisted=shortlisted)
         agreement = stream_agreement(shortlisted, split.caption_image)
+        metrics.update(knockout_metrics(model, images, texts, split.caption_image, rerank_k=rerank_k))
     spread = {side: context_spread(enc) for side, enc in (("text", texts), ("image", images))}
     return {"name": name, "model": str(model_dir), "weights": _digest(model_dir), "agreement": agreement,
             **({"context_spread": spread} if spread["text"] else {}),
@@ -136,7 +162,9 @@ def summarize(records: list[dict]) -> str:
     lines = ["## Streams and levels: what each part adds (Flickr8k validation, 1,000 images / 5,000 captions)", "",
              "Written by `python benchmarks/streams_diagnosis.py` from benchmarks/results/streams.jsonl. "
              "*alone*: that score used as the only ranker; *without*: the full score minus that part's "
-             "contributions (leave-one-out); Δ is RSUM minus the full model's. Protocol `exhaustive` ranks all "
+             "contributions (leave-one-out); *without context in reasoning*: the full score with the context level "
+             "cut out of each stream's reasoning graph (knock-out: the global and local nodes no longer read it; "
+             "measured on models diagnosed since it exists); Δ is RSUM minus the full model's. Protocol `exhaustive` ranks all "
              "5M pairs; `rerank-K` reranks the same cosine top-K shortlist with every ranker.", ""]
     for rec in records:
         metrics = rec["metrics"]
@@ -179,6 +207,9 @@ def main() -> None:
     p.add_argument("--summary-only", action="store_true", help="rewrite the RESULTS section from the records")
     p.add_argument("--spread-only", action="store_true",
                    help="only measure the context units' spread of already diagnosed models and add it to their records")
+    p.add_argument("--knockout-only", action="store_true",
+                   help="only score already diagnosed models with the context level cut from the reasoning and "
+                        "add that to their records")
     args = p.parse_args()
     if args.threads:
         import torch
@@ -192,6 +223,9 @@ def main() -> None:
         model_dir = Path(directory or name)
         if args.spread_only:
             records = add_spread(name, model_dir, args.data_dir, args.cache_dir)
+            continue
+        if args.knockout_only:
+            records = add_knockout(name, model_dir, args.data_dir, args.cache_dir, rerank_k)
             continue
         done = any(r["name"] == name and r["protocol"] == protocol and r["weights"] == _digest(model_dir)
                    and ("agreement" in r or rerank_k is None) for r in records)  # older: no stream agreement

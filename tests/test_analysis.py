@@ -377,3 +377,48 @@ def test_word_salience_starts_neutral_and_scores_the_same_on_every_path(make_mod
     assert "word_salience" not in TSHSRConfig.preset("tshsr").to_dict()
     with pytest.raises(ValueError, match="word_salience"):
         TSHSRConfig.preset("sgr", word_salience=True)
+
+
+def test_context_cut_knocks_the_context_level_out_of_the_reasoning_and_restores_it(make_model, regions,
+                                                                                    captions) -> None:
+    from tshsr.analysis import context_cut
+
+    model = make_model("tshsr")
+    images, texts = _encode(model, regions, captions)
+    with torch.no_grad():
+        before = model.score_encoded(images, texts)
+        with context_cut(model) as cut:
+            knocked = model.score_encoded(images, texts)
+        after = model.score_encoded(images, texts)
+    assert cut
+    torch.testing.assert_close(after.scores, before.scores)  # switched back on exit
+    assert not torch.allclose(knocked.scores, before.scores)
+    # The cosine does not go through the reasoning; the global node, which gathered the context
+    # nodes, is not the same any more.
+    torch.testing.assert_close(knocked.global_similarity, before.global_similarity)
+    assert not torch.allclose(knocked.level_scores["i2t/global"], before.level_scores["i2t/global"])
+    assert not any(getattr(m, "cut_context", False) for m in model.modules())
+
+
+def test_context_cut_restores_the_switch_after_an_error(make_model) -> None:
+    from tshsr.analysis import context_cut
+
+    model = make_model("tshsr")
+    with pytest.raises(RuntimeError), context_cut(model):
+        raise RuntimeError("boom")
+    assert not any(getattr(m, "cut_context", False) for m in model.modules())
+
+
+def test_knockout_metrics_only_for_models_with_a_context_level(make_model, regions, captions) -> None:
+    from tshsr.analysis import knockout_metrics
+
+    caption_image = np.array([0, 0, 1, 1, 2, 2])
+    flat = make_model("flat")
+    images, texts = _encode(flat, regions[:3], captions[:6])
+    assert knockout_metrics(flat, images, texts, caption_image) == {}
+    model = make_model("tshsr")
+    images, texts = _encode(model, regions[:3], captions[:6])
+    knocked = knockout_metrics(model, images, texts, caption_image)
+    assert "without context in reasoning" in knocked
+    # Same protocol as part_metrics: a shortlist that covers every pair gives the exhaustive numbers.
+    assert knockout_metrics(model, images, texts, caption_image, rerank_k=6) == knocked

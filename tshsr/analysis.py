@@ -11,6 +11,12 @@ parts can be judged one by one on a split:
   ``<stream>/<level> alignment``: that alignment alone (the attended cosine, before any
   similarity node or reasoning: what the unit vectors and the attention know by themselves).
 
+Knock-out (:func:`context_cut`): the same scoring with the context level cut out of each
+stream's reasoning graph, so that a context level without a score share of its own can still be
+judged by what the global and local levels lose without it. The model was trained with it, so
+this measures reliance, not worth: what a model trained without it (preset ``flat``) reaches is
+the ablation's question.
+
 Exhaustive scoring ranks all pairs; the two-stage protocol gives every ranker the same shortlist
 (the cosine's top K per image and per caption), reranks it by that ranker and leaves the rest in
 cosine order below it, as :func:`tshsr.evaluate.two_stage_matrices` does for the full model.
@@ -18,13 +24,15 @@ cosine order below it, as :func:`tshsr.evaluate.two_stage_matrices` does for the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .encoding import head_inputs
+from .heads import HierarchicalReasoning
 from .metrics import retrieval_metrics
 
 PAIR_CHUNK = 4096
@@ -51,6 +59,37 @@ def rankers(contributions: dict[str, torch.Tensor], level_scores: dict[str, torc
     if len(levels) > 1:
         for lv in levels:
             out[f"without {lv}"] = full - sum(contributions[k] for k in keys if k.split("/")[1] == lv)
+    return out
+
+
+@contextmanager
+def context_cut(model) -> Iterator[bool]:
+    """Within the block, every stream's reasoning runs with the context level cut out of its graph
+    (``HierarchicalReasoning.cut_context``); yields whether the model has such a level at all.
+    The switch is restored on exit, also after an error."""
+    graphs = [m for m in model.modules() if isinstance(m, HierarchicalReasoning) and m.with_context]
+    for g in graphs:
+        g.cut_context = True
+    try:
+        yield bool(graphs)
+    finally:
+        for g in graphs:
+            g.cut_context = False
+
+
+def knockout_metrics(model, images, texts, caption_image, rerank_k: int | None = None,
+                     score_all: Callable | None = None) -> dict[str, dict]:
+    """Metrics of the full score with the context level cut from the reasoning
+    (``without context in reasoning``) and, where the context level also has a score share, with
+    that share removed too (``without context, score and reasoning``); empty for a model without a
+    context level in its reasoning. Same protocol as :func:`part_metrics`."""
+    with context_cut(model) as cut:
+        if not cut:
+            return {}
+        m = part_metrics(model, images, texts, caption_image, rerank_k=rerank_k, score_all=score_all)
+    out = {"without context in reasoning": m["full"]}
+    if "without context" in m and m["without context"] != m["full"]:
+        out["without context, score and reasoning"] = m["without context"]
     return out
 
 

@@ -187,6 +187,12 @@ class HierarchicalReasoning(nn.Module):
     ``skip`` (with context) adds the direct edges of the graph without context: the global node
     also gathers the local nodes, and each local node also receives the global node, so the
     context level is a second path between local and global rather than the only one.
+
+    ``cut_context`` (a diagnosis switch, not a parameter: off in training and in every saved
+    model) knocks the context level out of the graph: the context nodes are still built and
+    scored, but the global node no longer gathers them and the local nodes no longer receive
+    their messages, so only the skip edges (if any) link local and global. It measures how much
+    the other levels *use* the context level (:func:`tshsr.analysis.context_cut`).
     """
 
     def __init__(self, sim_dim: int, steps: int, with_context: bool, skip: bool = False):
@@ -194,6 +200,7 @@ class HierarchicalReasoning(nn.Module):
         self.steps = steps
         self.with_context = with_context
         self.skip = skip and with_context
+        self.cut_context = False
         m = sim_dim
         self.local_gate = nn.Linear(m, 1)
         self.up_global = nn.Linear(m, m)
@@ -215,6 +222,7 @@ class HierarchicalReasoning(nn.Module):
         gate_w = torch.cat([self.local_gate.weight, self.down_gate.weight])
         gate_b = torch.cat([self.local_gate.bias, self.down_gate.bias])
         mask = local_mask.unsqueeze(-1).to(local.dtype)
+        cut = self.with_context and self.cut_context
         if self.with_context:  # step-invariant parts of the edges
             log_membership = torch.log(membership + eps)
             share_t = (membership / membership.sum(1, keepdim=True).clamp(min=eps)).transpose(1, 2)  # over parents
@@ -230,7 +238,7 @@ class HierarchicalReasoning(nn.Module):
             else:
                 up_edge = masked_softmax(local_logit, local_mask, dim=1)
                 gathered = torch.bmm(up_edge.unsqueeze(1), local).squeeze(1)
-            update = relu(self.up_global(gathered))
+            update = torch.zeros_like(global_node) if cut else relu(self.up_global(gathered))
             if self.skip:
                 local_edge = masked_softmax(local_logit, local_mask, dim=1)
                 update = update + relu(self.skip_up(torch.bmm(local_edge.unsqueeze(1), local).squeeze(1)))
@@ -240,7 +248,7 @@ class HierarchicalReasoning(nn.Module):
                 g = global_node.unsqueeze(1).expand_as(context)
                 context = l2norm(context + relu(self.down_context(torch.cat([context, g], -1))), fresh=True)
                 message = relu(self.down_local(torch.cat([context, g], -1)))  # [P, C, m]
-                received = torch.bmm(share_t, message)  # [P, n, m]
+                received = torch.zeros_like(local) if cut else torch.bmm(share_t, message)  # [P, n, m]
                 if self.skip:
                     received = received + relu(self.skip_down(global_node)).unsqueeze(1)
             else:
