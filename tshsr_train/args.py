@@ -34,7 +34,7 @@ RECIPE_FIELDS = ("warmup_epochs", "margin", "grad_clip", "hard_negatives", "rand
                  "aux_level_weight", "mine_pool", "stream_fusion", "level_fusion", "level_weights", "level_cosine", "context_skip",
                  "context_units", "context_pooling", "word_salience", "separate_streams", "alignment_weight", "alignment_joint",
                  "alignment_chunk",
-                 "context_detach", "alignment_levels", "alignment_complement", "unit_dropout",
+                 "context_detach", "alignment_levels", "alignment_complement", "unit_dropout", "context_path_dropout",
                  "contrastive_weight", "finetune_text", "finetune_image", "text_lr_mult", "image_lr_mult",
                  "fusion_lr_mult")
 
@@ -88,6 +88,7 @@ class TrainArgs:
     alignment_complement: float = 0.0  # InfoNCE on each stream's alignment + the other's (no gradient)
     contrastive_weight: float = 1.0
     unit_dropout: float = 0.0  # training only: each region and word is hidden with this probability
+    context_path_dropout: float = 0.0  # training only: a step runs with the context level cut from the reasoning
     finetune_text: bool = False
     finetune_image: bool = False
     text_lr_mult: float = 0.1
@@ -195,6 +196,10 @@ def _add_optimisation_flags(p: argparse.ArgumentParser, d: TrainArgs) -> None:
                    help="training only: hide each image region and each word from the model with this probability "
                         "(a fresh draw every step; each item keeps at least one): feature-level augmentation "
                         "of the cached features")
+    g.add_argument("--context-path-dropout", type=_probability, default=d.context_path_dropout,
+                   help="training only: with this probability a step runs with the context level cut out of the "
+                        "reasoning graph (the global and local nodes do not read it; drawn per step): the other "
+                        "levels learn to work without it, like stochastic depth")
     g.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
     g.add_argument("--device", default=d.device)
     g.add_argument("--threads", type=int, default=d.threads, help="CPU threads (torch.set_num_threads)")

@@ -12,6 +12,7 @@ Layout of an output folder::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,9 +26,11 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from tshsr.analysis import context_cut
 from tshsr.config import TSHSRConfig
 from tshsr.encoding import ImageEncoding, TextEncoding
 from tshsr.evaluate import score_split
+from tshsr.heads import HierarchicalReasoning
 from tshsr.hub import model_card
 from tshsr.model import TSHSRModel
 from tshsr.processing import Vocabulary
@@ -299,6 +302,9 @@ def _start(args: TrainArgs) -> _Run:
         if not model.has_context:
             raise SystemExit("--context-detach needs a preset with the context level (tshsr, t2i, i2t)")
         model.head_kind.set_context_detach(model, True)
+    if args.context_path_dropout > 0 and not any(
+            isinstance(m, HierarchicalReasoning) and m.with_context for m in model.modules()):
+        raise SystemExit("--context-path-dropout needs a preset whose reasoning has the context level (tshsr, t2i, i2t)")
     model.train()
     progress = args.progress and rank == 0
     train_source = BatchSource(model, train_split, args.cache_dir, progress)
@@ -347,7 +353,10 @@ def _train_step(r: _Run, order: torch.Tensor, epoch: int):
         group["lr"] = group["base_lr"] * _lr_factor(args, epoch + step / r.steps_per_epoch)
     # One seed per step, the same on every rank: all ranks mine the same global candidates.
     gen = torch.Generator().manual_seed(args.seed * 7_919 + state["global_step"])
-    with torch.autocast(device.type, dtype=r.autocast_dtype, enabled=r.autocast_dtype is not None):
+    # Drawn only when asked for, so that every other recipe's draws stay as they were.
+    cut = args.context_path_dropout > 0 and torch.rand((), generator=gen).item() < args.context_path_dropout
+    with torch.autocast(device.type, dtype=r.autocast_dtype, enabled=r.autocast_dtype is not None), \
+            (context_cut(model) if cut else contextlib.nullcontext()):
         regions, region_mask = r.train_source.images(unique.numpy(), device)
         tokens, token_mask = r.train_source.texts(captions.numpy(), device)
         if args.unit_dropout > 0:
