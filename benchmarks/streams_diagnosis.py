@@ -34,6 +34,21 @@ def _digest(model_dir: Path) -> str:
     return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
 
 
+def _slim(metrics: dict[str, dict]) -> dict[str, dict]:
+    """The recorded part of each ranker's metrics."""
+    return {k: {"i2t": m["i2t"], "t2i": m["t2i"], "rsum": m["rsum"]} for k, m in metrics.items()}
+
+
+def _recorded(records: list[dict], name: str, model_dir: Path, protocol: str | None = None) -> list[dict]:
+    """The records of ``name`` diagnosed with these weights (and ``protocol``, if given); exits when none."""
+    mine = [r for r in records if r["name"] == name and r["weights"] == _digest(model_dir)
+            and protocol in (None, r["protocol"])]
+    if not mine:
+        raise SystemExit(f"{name}: no {protocol + ' ' if protocol else ''}diagnosis of these weights recorded; "
+                         "diagnose it first")
+    return mine
+
+
 def load_records(path: Path = STORE) -> list[dict]:
     if not path.exists():
         return []
@@ -76,9 +91,7 @@ def add_spread(name: str, model_dir: Path, data_dir: str, cache_dir: str) -> lis
     """Measure the context units' spread of an already diagnosed model (same name and weights) and
     add it to its records in place (records written before the spread was measured)."""
     records = load_records()
-    mine = [r for r in records if r["name"] == name and r["weights"] == _digest(model_dir)]
-    if not mine:
-        raise SystemExit(f"{name}: no diagnosis of these weights recorded; diagnose it first")
+    mine = _recorded(records, name, model_dir)
     _, _, images, texts = _encode_validation(model_dir, data_dir, cache_dir)
     spread = {"text": context_spread(texts), "image": context_spread(images)}
     for record in mine:
@@ -96,16 +109,14 @@ def add_knockout(name: str, model_dir: Path, data_dir: str, cache_dir: str, rera
 
     protocol = "exhaustive" if rerank_k is None else f"rerank-{rerank_k}"
     records = load_records()
-    mine = [r for r in records if r["name"] == name and r["weights"] == _digest(model_dir) and r["protocol"] == protocol]
-    if not mine:
-        raise SystemExit(f"{name}: no {protocol} diagnosis of these weights recorded; diagnose it first")
+    mine = _recorded(records, name, model_dir, protocol)
     model, split, images, texts = _encode_validation(model_dir, data_dir, cache_dir)
     score_all = (lambda: model.score_encoded(images, texts, progress=True)) if rerank_k is None else None
     knocked = knockout_metrics(model, images, texts, split.caption_image, rerank_k=rerank_k, score_all=score_all)
     if not knocked:
         raise SystemExit(f"{name}: the model has no context level in its reasoning to cut")
     for record in mine:
-        record["metrics"].update({k: {"i2t": m["i2t"], "t2i": m["t2i"], "rsum": m["rsum"]} for k, m in knocked.items()})
+        record["metrics"].update(_slim(knocked))
     print(f"{name}: " + ", ".join(f"{k} {m['rsum']:.1f}" for k, m in knocked.items()))
     return _write(records)
 
@@ -147,7 +158,7 @@ def diagnose(name: str, model_dir: Path, data_dir: str, rerank_k: int | None, ca
             **({"context_spread": spread} if spread["text"] else {}),
             "protocol": "exhaustive" if rerank_k is None else f"rerank-{rerank_k}",
             "mixing_weights": {k: round(v, 4) for k, v in model.mixing_weights().items()},
-            "metrics": {k: {"i2t": m["i2t"], "t2i": m["t2i"], "rsum": m["rsum"]} for k, m in metrics.items()},
+            "metrics": _slim(metrics),
             "seconds": round(time.time() - start, 1), "n_images": len(split), "n_captions": len(split.captions),
             "commit": git_commit(), "machine": machine()}
 

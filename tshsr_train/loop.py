@@ -30,7 +30,6 @@ from tshsr.analysis import context_cut
 from tshsr.config import TSHSRConfig
 from tshsr.encoding import ImageEncoding, TextEncoding
 from tshsr.evaluate import score_split
-from tshsr.heads import HierarchicalReasoning
 from tshsr.hub import model_card
 from tshsr.model import TSHSRModel
 from tshsr.processing import Vocabulary
@@ -302,8 +301,7 @@ def _start(args: TrainArgs) -> _Run:
         if not model.has_context:
             raise SystemExit("--context-detach needs a preset with the context level (tshsr, t2i, i2t)")
         model.head_kind.set_context_detach(model, True)
-    if args.context_path_dropout > 0 and not any(
-            isinstance(m, HierarchicalReasoning) and m.with_context for m in model.modules()):
+    if args.context_path_dropout > 0 and not model.has_context:
         raise SystemExit("--context-path-dropout needs a preset whose reasoning has the context level (tshsr, t2i, i2t)")
     model.train()
     progress = args.progress and rank == 0
