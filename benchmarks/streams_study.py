@@ -42,6 +42,7 @@ WINDOWS = ["--context-pooling", "windows", "--context-units", "9", "4"]
 SCORELESS_CONTEXT = ["--level-fusion", "fixed", "--level-weights", "1", "0", "1"]  # feeds the reasoning only
 UNIT_DROPOUT = ["--unit-dropout", "0.2"]  # feature-level augmentation: a fifth of the regions and words hidden
 PATH_DROPOUT = ["--context-path-dropout", "0.5"]  # half the steps run with the context level cut from the reasoning
+TEXT_TOP = ["--text-finetune-layers", "1"]  # MiniLM's last layer trains (at 0.1x the rate) on cached layer-5 states
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "fixed-aux": ("fixed equal stream and level weights + a hinge on each of the six parts (weight 0.5)",
                   ["--preset", "tshsr", *FIXED, "--aux-level-weight", "0.5"]),
@@ -130,6 +131,16 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                                                    "reads the context level and is worse for it; trained to work "
                                                    "with and without it, it may only take what helps",
                                                    [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, *PATH_DROPOUT]),
+    "detach-skip-separate-windows-ctx0-text1": ("detach-skip-separate-windows-ctx0 + --text-finetune-layers 1: the "
+                                                "last of MiniLM's 6 layers trains (at 0.1x the head's rate) on cached "
+                                                "states of the 5 below, so the word units adapt to the images instead "
+                                                "of staying sentence-embedding features",
+                                                [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, *TEXT_TOP]),
+    "flat-separate-text1": ("flat with two towers + --text-finetune-layers 1: the comparison for "
+                            "detach-skip-separate-windows-ctx0-text1",
+                            ["--preset", "flat", *ALIGN_NCE, "--separate-streams", *TEXT_TOP]),
+    "dual-text1": ("dual encoder + --text-finetune-layers 1 (the baseline of the -text1 recipes: the dual encoder "
+                   "gains from a trained text layer too)", ["--preset", "dual", *TEXT_TOP]),
     "flat-separate-udrop": ("flat with two towers (the decisive ablation's flat, --preset flat --separate-streams) "
                             "+ --unit-dropout 0.2: the comparison for detach-skip-separate-windows-ctx0-udrop",
                             ["--preset", "flat", *ALIGN_NCE, "--separate-streams", *UNIT_DROPOUT]),

@@ -75,6 +75,9 @@ class TSHSRConfig:
     text_feature_dim: int | None = None  # filled in from the encoder
     max_text_length: int = 32
     finetune_text: bool = False
+    # Train only the top N layers of a transformers encoder; the frozen layers below are cached
+    # (their hidden states) and the trained top is stored in the checkpoint. 0: all frozen.
+    text_finetune_layers: int = 0
     vocab_size: int = 0  # bigru only: size of its own vocabulary (saved with the model)
     word_dim: int = 300  # bigru only
 
@@ -143,6 +146,11 @@ class TSHSRConfig:
             bad("separate_streams gives each of the two streams its own towers; it needs streams=('i2t', 't2i')")
         if "context" in self.levels and (self.context_units_image <= 0 or self.context_units_text <= 0):
             bad("the context level needs context_units_image > 0 and context_units_text > 0")
+        if self.text_finetune_layers < 0:
+            bad("text_finetune_layers must be >= 0")
+        if self.text_finetune_layers and (self.text_encoder != "transformers" or self.finetune_text):
+            bad("text_finetune_layers trains the top layers of a frozen transformers text encoder; it does not "
+                "go with text_encoder='bigru' or finetune_text (which trains every layer)")
         if self.context_pooling not in ("learned", "windows"):
             bad(f"context_pooling={self.context_pooling!r}; expected 'learned' or 'windows'")
         if self.context_pooling == "windows":
@@ -195,6 +203,8 @@ class TSHSRConfig:
             del data["context_pooling"]
         if data["level_weights"] is None:
             del data["level_weights"]
+        if not data["text_finetune_layers"]:
+            del data["text_finetune_layers"]
         return data
 
     @classmethod

@@ -201,10 +201,31 @@ class PrecomputedImageBackbone(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Text backbones: token ids -> token features [B, L, F] and mask [B, L] (words only)
 # ----------------------------------------------------------------------------------------------
-class TransformersTextBackbone(nn.Module):
-    """Any transformers encoder; the last hidden states of the real (non-special) tokens."""
+def _encoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The stack of transformer layers of a BERT-style encoder (``model.encoder.layer``), else None."""
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    return layers if isinstance(layers, nn.ModuleList) else None
 
-    def __init__(self, name: str):
+
+def _bidirectional_mask(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor):
+    """The attention mask the model's own forward would hand its layers."""
+    try:
+        from transformers.masking_utils import create_bidirectional_mask
+    except ImportError:  # transformers 4.x: the extended additive mask
+        return model.get_extended_attention_mask(attention_mask, attention_mask.shape)
+    return create_bidirectional_mask(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+
+class TransformersTextBackbone(nn.Module):
+    """Any transformers encoder; the last hidden states of the real (non-special) tokens.
+
+    ``finetune_layers`` > 0 splits a BERT-style encoder in two: the layers below the top
+    ``finetune_layers`` stay frozen (their output is what the feature cache stores, every token
+    with its attention mask: :meth:`lower`), the top ones are trained on it (:meth:`upper`). The
+    full :meth:`forward` is unchanged, so inference runs the whole encoder with the trained top.
+    """
+
+    def __init__(self, name: str, finetune_layers: int = 0):
         super().__init__()
         from transformers import AutoModel
 
@@ -217,10 +238,43 @@ class TransformersTextBackbone(nn.Module):
                 f"no offline package, Hub unreachable?): {exc}"
             ) from exc
         self.feature_dim = int(self.model.config.hidden_size)
+        self.finetune_layers = int(finetune_layers)
+        if self.finetune_layers:
+            layers = _encoder_layers(self.model)
+            if layers is None:
+                raise ValueError(f"text_finetune_layers needs a BERT-style encoder (its layers in "
+                                 f"model.encoder.layer); {name!r} ({type(self.model).__name__}) has none: "
+                                 f"use --finetune-text to train the whole encoder instead")
+            if not 0 < self.finetune_layers < len(layers):
+                raise ValueError(f"text_finetune_layers={self.finetune_layers}: {name!r} has {len(layers)} layers; "
+                                 f"train between 1 and {len(layers) - 1} of them (--finetune-text trains all)")
 
     def forward(self, input_ids, attention_mask, word_mask):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return compact_units(hidden, word_mask.bool())
+
+    # ---- split encoder (finetune_layers > 0) ----
+    def top_layers(self) -> nn.ModuleList:
+        layers = _encoder_layers(self.model)
+        return layers[len(layers) - self.finetune_layers:]
+
+    def trainable_prefixes(self) -> list[str]:
+        """State-dict prefixes (within this module) of the trained top layers."""
+        n = len(_encoder_layers(self.model)) if self.finetune_layers else 0
+        return [f"model.encoder.layer.{i}." for i in range(n - self.finetune_layers, n)]
+
+    def lower(self, input_ids, attention_mask) -> torch.Tensor:
+        """Hidden states of every token [B, T, F] below the trained top layers."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.hidden_states[-1 - self.finetune_layers]
+
+    def upper(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The trained top layers on :meth:`lower`'s hidden states: the encoder's last hidden states."""
+        mask = _bidirectional_mask(self.model, hidden, attention_mask)
+        for layer in self.top_layers():
+            out = layer(hidden, mask)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
 
 
 def compact_units(features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,7 +322,7 @@ def build_backbones(config, vocabulary=None, pretrained: bool = True) -> tuple[n
     else:
         image = PrecomputedImageBackbone(config.image_feature_dim)
     if config.text_encoder == "transformers":
-        text = TransformersTextBackbone(config.text_model)
+        text = TransformersTextBackbone(config.text_model, config.text_finetune_layers)
     else:
         if vocabulary is None:
             raise ValueError("text_encoder='bigru' needs its Vocabulary (vocab.json)")

@@ -36,7 +36,7 @@ def content_key(image_ids, captions, caption_image) -> str:
 
 def backbone_key(config) -> dict:
     """The parts of a config that determine backbone features (not the trainable head)."""
-    return {
+    key = {
         "image_encoder": config.image_encoder,
         "image_backbone": config.image_backbone if config.image_encoder == "timm" else None,
         "image_weights": config.image_weights,
@@ -48,6 +48,9 @@ def backbone_key(config) -> dict:
         "max_text_length": config.max_text_length,
         "format": 1,
     }
+    if getattr(config, "text_finetune_layers", 0):  # hidden states below the trained top layers
+        key["text_layers_left_out"] = config.text_finetune_layers
+    return key
 
 
 @dataclass
@@ -57,7 +60,7 @@ class CachedFeatures:
     images: np.ndarray  # [N, K, F] float16
     image_mask: np.ndarray  # [N, K] bool
     texts: np.ndarray  # [C, L, F] float16
-    text_mask: np.ndarray  # [C, L] bool
+    text_mask: np.ndarray  # [C, L] bool; int8 token kinds with text_finetune_layers (see cacheable_text_features)
     directory: Path
 
     def image_batch(self, index, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,11 +112,13 @@ def cache_features(model, images, captions, image_ids, caption_image, cache_dir:
         ("images", (n_images, regions, config.image_feature_dim), image_batch_size,
          lambda a, b: model.image_features(images[a:b]), "img"),
         ("texts", (n_texts, config.max_text_length, config.text_feature_dim), text_batch_size,
-         lambda a, b: model.text_features(list(captions[a:b])), "cap"),
+         lambda a, b: model.cacheable_text_features(list(captions[a:b])), "cap"),
     )
+    text_mask_dtype = np.int8 if getattr(config, "text_finetune_layers", 0) else np.bool_
     for name, shape, batch_size, compute, unit in sides:
         feats_out = _memmap(directory / f"{name}.npy", shape, FEATURE_DTYPE, state)
-        mask_out = _memmap(directory / f"{name[:-1]}_mask.npy", shape[:2], np.bool_, state)
+        mask_dtype = text_mask_dtype if name == "texts" else np.bool_
+        mask_out = _memmap(directory / f"{name[:-1]}_mask.npy", shape[:2], mask_dtype, state)
         done = int(state.get(f"{name}_done", 0))
         bar = tqdm(total=shape[0], initial=done, desc=f"cache {name[:-1]} features", unit=unit,
                    disable=not progress)

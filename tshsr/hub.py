@@ -276,7 +276,9 @@ def _architecture_lines(config: TSHSRConfig) -> list[str]:
 
     image = (f"`{config.image_backbone}` ({tuning(config.finetune_image)})" if config.image_encoder == "timm"
              else f"precomputed region features ({config.image_feature_dim}-d)")
-    text = (f"`{config.text_model}` ({tuning(config.finetune_text)})" if config.text_encoder == "transformers"
+    text_tuning = (f"top {config.text_finetune_layers} layer{'s' * (config.text_finetune_layers > 1)} fine-tuned "
+                   f"and stored here, the rest frozen" if config.text_finetune_layers else tuning(config.finetune_text))
+    text = (f"`{config.text_model}` ({text_tuning})" if config.text_encoder == "transformers"
             else "a BiGRU over its own vocabulary (trained, stored here)")
     lines = [f"- head `{config.head}`, streams {', '.join(config.streams)}, levels {', '.join(config.levels)}; "
              f"D = {config.embed_dim}, m = {config.sim_dim}",

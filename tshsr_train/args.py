@@ -35,7 +35,7 @@ RECIPE_FIELDS = ("warmup_epochs", "margin", "grad_clip", "hard_negatives", "rand
                  "context_units", "context_pooling", "word_salience", "separate_streams", "alignment_weight", "alignment_joint",
                  "alignment_chunk",
                  "context_detach", "alignment_levels", "alignment_complement", "unit_dropout", "context_path_dropout",
-                 "contrastive_weight", "finetune_text", "finetune_image", "text_lr_mult", "image_lr_mult",
+                 "contrastive_weight", "finetune_text", "text_finetune_layers", "finetune_image", "text_lr_mult", "image_lr_mult",
                  "fusion_lr_mult")
 
 
@@ -90,6 +90,7 @@ class TrainArgs:
     unit_dropout: float = 0.0  # training only: each region and word is hidden with this probability
     context_path_dropout: float = 0.0  # training only: a step runs with the context level cut from the reasoning
     finetune_text: bool = False
+    text_finetune_layers: int = 0  # train the top N layers of the text encoder on cached lower layers
     finetune_image: bool = False
     text_lr_mult: float = 0.1
     image_lr_mult: float = 0.1
@@ -269,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training only: the context level reads the unit vectors without gradient, so it "
                         "trains its own queries and nodes but never pulls on the units the local level aligns")
     g.add_argument("--finetune-text", action="store_true")
+    g.add_argument("--text-finetune-layers", type=int, default=d.text_finetune_layers, metavar="N",
+                   help="train the top N layers of the transformers text encoder (at --text-lr-mult x the rate) "
+                        "on cached hidden states of the frozen layers below: almost the cost of a frozen encoder; "
+                        "the trained layers are stored in the checkpoint (default 0: all frozen)")
     g.add_argument("--finetune-image", action="store_true")
     g.add_argument("--text-lr-mult", type=float, default=d.text_lr_mult)
     g.add_argument("--image-lr-mult", type=float, default=d.image_lr_mult)
