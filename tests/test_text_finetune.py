@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from tshsr import TSHSRModel
 from tshsr.config import TSHSRConfig
-from tshsr.features import backbone_key, cache_features
+from tshsr.features import backbone_key, cache_features, cacheable_text_features, text_units_from_cache
 
 from .test_train import ROOT, run, steps_logged
 
@@ -36,8 +36,8 @@ def test_cached_lower_layers_through_the_top_give_the_full_encoder(n_layers):
     model = precomputed(n_layers)
     with torch.no_grad():
         full, full_mask = model.text_features(CAPTIONS)
-        hidden, kinds = model.cacheable_text_features(CAPTIONS)
-        split, split_mask = model.text_units_from_cache(hidden, kinds)
+        hidden, kinds = cacheable_text_features(model, CAPTIONS)
+        split, split_mask = text_units_from_cache(model, hidden, kinds)
     assert kinds.dtype == torch.int8 and set(kinds.unique().tolist()) == {0, 1, 2}
     assert torch.equal(split_mask, full_mask)
     torch.testing.assert_close(split, full, atol=1e-5, rtol=1e-5)
@@ -51,10 +51,10 @@ def test_only_the_top_layers_train_and_are_stored():
     assert saved and all(k.startswith("text_backbone.model.encoder.layer.5.") for k in saved)
     assert "text_backbone." not in "".join(k for k in precomputed(0).saved_state_dict() if k.startswith("text_b"))
 
-    hidden, kinds = model.cacheable_text_features(CAPTIONS)  # no gradient below the cut
+    hidden, kinds = cacheable_text_features(model, CAPTIONS)  # no gradient below the cut
     assert not hidden.requires_grad
     model.train()
-    units, mask = model.text_units_from_cache(hidden, kinds)
+    units, mask = text_units_from_cache(model, hidden, kinds)
     (units * mask.unsqueeze(-1)).sum().backward()
     layers = model.text_backbone.model.encoder.layer
     assert layers[5].attention.self.query.weight.grad is not None
@@ -89,7 +89,7 @@ def test_feature_cache_keys_the_cut_and_stores_token_kinds(tmp_path):
     assert cached.directory != other.directory
     feats, kinds = cached.text_batch(np.arange(4))
     assert kinds.dtype == torch.int8
-    units, mask = tuned.text_units_from_cache(feats, kinds)
+    units, mask = text_units_from_cache(tuned, feats, kinds)
     with torch.no_grad():
         full, full_mask = tuned.text_features(CAPTIONS)
     assert torch.equal(mask, full_mask)

@@ -309,6 +309,14 @@ class BiGRUTextBackbone(nn.Module):
         return (out[..., :half] + out[..., half:]) / 2, word_mask.bool()
 
 
+def trained_backbone_prefixes(model) -> list[str]:
+    """State-dict prefixes of the trained parts inside a frozen backbone of a model (the text
+    encoder's top layers with ``text_finetune_layers``): stored in checkpoints, unlike the rest."""
+    if not model.config.text_finetune_layers:
+        return []
+    return ["text_backbone." + p for p in model.text_backbone.trainable_prefixes()]
+
+
 def build_backbones(config, vocabulary=None, pretrained: bool = True) -> tuple[nn.Module, nn.Module]:
     """The image and text backbones a config names; fills in the config's derived fields (feature
     sizes, the image backbone's input size, mean and std)."""

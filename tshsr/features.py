@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .encoders import compact_units
 from .io import atomic_write
 
 FEATURE_DTYPE = np.float16
@@ -76,6 +77,27 @@ class CachedFeatures:
                 torch.from_numpy(np.ascontiguousarray(mask[:, :width])).to(device))
 
 
+def cacheable_text_features(model, texts) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the cache stores for captions: the model's ``text_features``; with
+    ``text_finetune_layers``, the frozen lower layers' hidden states of every token [N, T, F] and
+    a token mask [N, T] int8 (0 padding, 1 special token, 2 word), which :func:`text_units_from_cache`
+    turns into word features through the trained top layers."""
+    if not model.config.text_finetune_layers:
+        return model.text_features(texts)
+    tok = {k: v.to(model.device) for k, v in model.processor.tokenize(texts).items()}
+    hidden = model.text_backbone.lower(tok["input_ids"], tok["attention_mask"])
+    return hidden, tok["attention_mask"].to(torch.int8) + tok["word_mask"].to(torch.int8)
+
+
+def text_units_from_cache(model, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached caption features to word features [N, L, F] and word mask: as cached, or through the
+    trained top layers of the text encoder (``text_finetune_layers``), with gradients when enabled."""
+    if not model.config.text_finetune_layers:
+        return features, mask
+    hidden = model.text_backbone.upper(features, (mask > 0).long())
+    return compact_units(hidden, mask == 2)
+
+
 def _write_json(path: Path, data: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
 
@@ -112,7 +134,7 @@ def cache_features(model, images, captions, image_ids, caption_image, cache_dir:
         ("images", (n_images, regions, config.image_feature_dim), image_batch_size,
          lambda a, b: model.image_features(images[a:b]), "img"),
         ("texts", (n_texts, config.max_text_length, config.text_feature_dim), text_batch_size,
-         lambda a, b: model.cacheable_text_features(list(captions[a:b])), "cap"),
+         lambda a, b: cacheable_text_features(model, list(captions[a:b])), "cap"),
     )
     text_mask_dtype = np.int8 if getattr(config, "text_finetune_layers", 0) else np.bool_
     for name, shape, batch_size, compute, unit in sides:

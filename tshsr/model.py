@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import TSHSRConfig
-from .encoders import build_backbones
+from .encoders import build_backbones, trained_backbone_prefixes
 from .encoding import Encoding, ImageEncoding, SideTowers, TextEncoding, encode_features
 from .hub import WEIGHTS_NAME, CheckpointError, check_backbones, load_model, model_card, save_model
 from .loss import LossSettings, MatchingLoss, matching_loss
@@ -103,13 +103,6 @@ class TSHSRModel(
             prefixes.append("text_backbone.")
         return prefixes
 
-    def trained_backbone_prefixes(self) -> list[str]:
-        """State-dict prefixes of the trained parts inside a frozen backbone (the text encoder's top
-        layers with ``text_finetune_layers``): stored in checkpoints, unlike the rest of it."""
-        if not self.config.text_finetune_layers:
-            return []
-        return ["text_backbone." + p for p in self.text_backbone.trainable_prefixes()]
-
     def train(self, mode: bool = True):
         super().train(mode)
         for prefix in self.frozen_prefixes():
@@ -145,28 +138,6 @@ class TSHSRModel(
         """Token features [N, L, F] and word mask [N, L] (special tokens and padding excluded)."""
         tok = {k: v.to(self.device) for k, v in self.processor.tokenize(texts).items()}
         return self.text_backbone(tok["input_ids"], tok["attention_mask"], tok["word_mask"])
-
-    def cacheable_text_features(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the feature cache stores for captions: :meth:`text_features`; with
-        ``text_finetune_layers``, the frozen lower layers' hidden states of every token [N, T, F]
-        and a token mask [N, T] int8 (0 padding, 1 special token, 2 word), which
-        :meth:`text_units_from_cache` turns into word features through the trained top layers."""
-        if not self.config.text_finetune_layers:
-            return self.text_features(texts)
-        tok = {k: v.to(self.device) for k, v in self.processor.tokenize(texts).items()}
-        hidden = self.text_backbone.lower(tok["input_ids"], tok["attention_mask"])
-        return hidden, tok["attention_mask"].to(torch.int8) + tok["word_mask"].to(torch.int8)
-
-    def text_units_from_cache(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached caption features to word features [N, L, F] and word mask: as cached, or through
-        the trained top layers of the text encoder (``text_finetune_layers``), with gradients
-        when they are enabled."""
-        if not self.config.text_finetune_layers:
-            return features, mask
-        from .encoders import compact_units
-
-        hidden = self.text_backbone.upper(features, (mask > 0).long())
-        return compact_units(hidden, mask == 2)
 
     # Trainable per-side encoding (tshsr.encoding.encode_features) -----------------------------
     def encode_image_features(self, regions: torch.Tensor, mask: torch.Tensor) -> ImageEncoding:
@@ -285,7 +256,7 @@ class TSHSRModel(
     # Saving and loading (strict, safetensors only): see tshsr.hub --------------------------------
     def saved_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint stores: everything but frozen pretrained backbones."""
-        frozen, trained = tuple(self.frozen_prefixes()), tuple(self.trained_backbone_prefixes())
+        frozen, trained = tuple(self.frozen_prefixes()), tuple(trained_backbone_prefixes(self))
         return {k: v.detach().contiguous() for k, v in self.state_dict().items()
                 if not k.startswith(frozen) or k.startswith(trained)}
 

@@ -209,6 +209,20 @@ def _add_optimisation_flags(p: argparse.ArgumentParser, d: TrainArgs) -> None:
                    help="minutes a process waits for the others (torchrun), e.g. while rank 0 caches features")
 
 
+def _add_tuning_flags(p: argparse.ArgumentParser, d: TrainArgs) -> None:
+    g = p.add_argument_group("encoder tuning and learning-rate multipliers")
+    g.add_argument("--finetune-text", action="store_true")
+    g.add_argument("--text-finetune-layers", type=int, default=d.text_finetune_layers, metavar="N",
+                   help="train the top N layers of the transformers text encoder (at --text-lr-mult x the rate) "
+                        "on cached hidden states of the frozen layers below: almost the cost of a frozen encoder; "
+                        "the trained layers are stored in the checkpoint (default 0: all frozen)")
+    g.add_argument("--finetune-image", action="store_true")
+    g.add_argument("--text-lr-mult", type=float, default=d.text_lr_mult)
+    g.add_argument("--image-lr-mult", type=float, default=d.image_lr_mult)
+    g.add_argument("--fusion-lr-mult", type=float, default=d.fusion_lr_mult,
+                   help="learning-rate multiplier of the level/stream mixing weights")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``train.py`` / ``tshsr-train``: one flag per :class:`TrainArgs` field."""
     d = TrainArgs()
@@ -269,16 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-detach", action="store_true",
                    help="training only: the context level reads the unit vectors without gradient, so it "
                         "trains its own queries and nodes but never pulls on the units the local level aligns")
-    g.add_argument("--finetune-text", action="store_true")
-    g.add_argument("--text-finetune-layers", type=int, default=d.text_finetune_layers, metavar="N",
-                   help="train the top N layers of the transformers text encoder (at --text-lr-mult x the rate) "
-                        "on cached hidden states of the frozen layers below: almost the cost of a frozen encoder; "
-                        "the trained layers are stored in the checkpoint (default 0: all frozen)")
-    g.add_argument("--finetune-image", action="store_true")
-    g.add_argument("--text-lr-mult", type=float, default=d.text_lr_mult)
-    g.add_argument("--image-lr-mult", type=float, default=d.image_lr_mult)
-    g.add_argument("--fusion-lr-mult", type=float, default=d.fusion_lr_mult,
-                   help="learning-rate multiplier of the level/stream mixing weights")
+    _add_tuning_flags(p, d)
     _add_optimisation_flags(p, d)
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=d.output_dir)

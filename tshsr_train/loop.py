@@ -113,7 +113,9 @@ class BatchSource:
     def texts(self, index, device):
         if self.live_texts:
             return self.model.text_features([self.split.captions[int(i)] for i in index])
-        return self.model.text_units_from_cache(*self.cached.text_batch(index, device))
+        from tshsr.features import text_units_from_cache
+
+        return text_units_from_cache(self.model, *self.cached.text_batch(index, device))
 
 
 def drop_units(mask: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
