@@ -231,17 +231,18 @@ def summarize(records: list[dict], runs: list[dict]) -> str:
              f"trainer's protocol (cosine top-20 reranked); the other columns use the cosine top-{PROTOCOL_K} "
              "shortlist for every ranker (see the streams section): the full model, its cosine alone, the "
              "weakest and strongest part alone, and what removing each stream or the context level costs "
-             "in RSUM (positive = the full model is better with the part). Runs still training show the epochs "
-             "so far.", "",
+             "in RSUM (positive = the full model is better with the part); `−ctx path` cuts the context level out "
+             "of each stream's reasoning instead (the knock-out: what the other levels' use of it is worth). Runs "
+             "still training show the epochs so far.", "",
              "| run | recipe | val RSUM by epoch | full | cosine | parts alone (min–max) | −i2t | −t2i | −context | "
-             "train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "−ctx path | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         rec = diag.get(run["name"])
         history = ", ".join(f"{v:.1f}" for v in run.get("history", [])) or "—"
         if rec is None:
             note = ("no parts (cosine only)" if run["name"].startswith("dual")
                     else "stopped early, not diagnosed" if run.get("stopped") else "not diagnosed yet")
-            lines.append(f"| {run['name']} | {run['recipe']} | {history} | {note} | | | | | | {run.get('seconds') or '—'} |")
+            lines.append(f"| {run['name']} | {run['recipe']} | {history} | {note} | | | | | | | {run.get('seconds') or '—'} |")
             continue
         m = rec["metrics"]
         full = m["full"]["rsum"]
@@ -253,7 +254,7 @@ def summarize(records: list[dict], runs: list[dict]) -> str:
 
         lines.append(f"| {run['name']} | {run['recipe']} | {history} | {full:.1f} | {m['cosine']['rsum']:.1f} | {span} | "
                      f"{cost('without i2t')} | {cost('without t2i')} | {cost('without context')} | "
-                     f"{run.get('seconds') or '—'} |")
+                     f"{cost('without context in reasoning')} | {run.get('seconds') or '—'} |")
     return "\n".join(lines)
 
 
