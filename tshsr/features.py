@@ -49,7 +49,7 @@ def backbone_key(config) -> dict:
         "max_text_length": config.max_text_length,
         "format": 1,
     }
-    if getattr(config, "text_finetune_layers", 0):  # hidden states below the trained top layers
+    if config.text_finetune_layers:  # hidden states below the trained top layers
         key["text_layers_left_out"] = config.text_finetune_layers
     return key
 
@@ -132,14 +132,13 @@ def cache_features(model, images, captions, image_ids, caption_image, cache_dir:
         regions = np.asarray(images[0]).shape[0]
     sides = (
         ("images", (n_images, regions, config.image_feature_dim), image_batch_size,
-         lambda a, b: model.image_features(images[a:b]), "img"),
+         lambda a, b: model.image_features(images[a:b]), "img", np.bool_),
         ("texts", (n_texts, config.max_text_length, config.text_feature_dim), text_batch_size,
-         lambda a, b: cacheable_text_features(model, list(captions[a:b])), "cap"),
+         lambda a, b: cacheable_text_features(model, list(captions[a:b])), "cap",
+         np.int8 if config.text_finetune_layers else np.bool_),  # token kinds below a trained top
     )
-    text_mask_dtype = np.int8 if getattr(config, "text_finetune_layers", 0) else np.bool_
-    for name, shape, batch_size, compute, unit in sides:
+    for name, shape, batch_size, compute, unit, mask_dtype in sides:
         feats_out = _memmap(directory / f"{name}.npy", shape, FEATURE_DTYPE, state)
-        mask_dtype = text_mask_dtype if name == "texts" else np.bool_
         mask_out = _memmap(directory / f"{name[:-1]}_mask.npy", shape[:2], mask_dtype, state)
         done = int(state.get(f"{name}_done", 0))
         bar = tqdm(total=shape[0], initial=done, desc=f"cache {name[:-1]} features", unit=unit,

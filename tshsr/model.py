@@ -131,8 +131,8 @@ class TSHSRModel(
             return self.image_backbone(pixels)
         if isinstance(images, (list, tuple)):
             images = np.stack([np.asarray(x, dtype=np.float32) for x in images])
-        # np.array copies: a read-only memory map (a cached split) is never aliased
-        regions = images if torch.is_tensor(images) else torch.from_numpy(np.array(images, dtype=np.float32))
+        # copied only when needed: float32, and a read-only memory map (a cached split) is never aliased
+        regions = images if torch.is_tensor(images) else torch.from_numpy(np.require(images, np.float32, "W"))
         return self.image_backbone(regions.to(self.device))
 
     def text_features(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
