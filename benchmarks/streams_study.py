@@ -266,6 +266,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache-dir", default=str(ROOT / "cache" / "features"))
     p.add_argument("--summary-only", action="store_true")
+    p.add_argument("--no-diagnosis", action="store_true",
+                   help="record the run only; its top-50 diagnosis can follow with streams_diagnosis.py")
     args = p.parse_args()
     if args.threads:
         import torch
@@ -283,8 +285,8 @@ def main() -> int:
                 continue
             out, _ = train(recipe_name, seed, args.data_dir, args.threads)
             store_record(run_record(run_name, out, args.threads), RUNS_STORE)
-            if not recipe_name.startswith("dual") and not any(r["name"] == run_name and r["protocol"] == f"rerank-{PROTOCOL_K}"
-                                                 for r in records):
+            diagnosed = any(r["name"] == run_name and r["protocol"] == f"rerank-{PROTOCOL_K}" for r in records)
+            if not (args.no_diagnosis or recipe_name.startswith("dual") or diagnosed):
                 # Stored after the diagnosis (minutes), re-reading the file: another study process may have
                 # stored its own record meanwhile.
                 records = store_record(diagnose(run_name, out, args.data_dir, PROTOCOL_K, args.cache_dir))
