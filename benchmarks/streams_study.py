@@ -136,6 +136,10 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                                                 "states of the 5 below, so the word units adapt to the images instead "
                                                 "of staying sentence-embedding features",
                                                 [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, *TEXT_TOP]),
+    "detach-skip-separate-windows-ctx0-pathdrop-text1": ("the two levers together: the context path dropped in half "
+                                                         "the steps, and MiniLM's last layer trained",
+                                                         [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, *PATH_DROPOUT,
+                                                          *TEXT_TOP]),
     "flat-separate-text1": ("flat with two towers + --text-finetune-layers 1: the comparison for "
                             "detach-skip-separate-windows-ctx0-text1",
                             ["--preset", "flat", *ALIGN_NCE, "--separate-streams", *TEXT_TOP]),
