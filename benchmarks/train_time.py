@@ -78,7 +78,10 @@ def report(timing: dict, model_dir: Path) -> list[str]:
     verdict = "met" if total <= TARGET_MIN * 60 else "not met"
     shipped = ROOT / "checkpoints" / "tshsr-flickr8k" / "metrics.json"
     same_seed = ""
-    if shipped.exists():
+    if shipped.exists() and (ROOT / "checkpoints" / "tshsr-flickr8k" / "model.safetensors").read_bytes() == (
+            model_dir / "model.safetensors").read_bytes():
+        same_seed = " This run is the shipped default model (`checkpoints/tshsr-flickr8k`)."
+    elif shipped.exists():
         same_seed = (f" The shipped default model, same recipe and seed trained with 1 torch thread, reached "
                      f"{json.loads(shipped.read_text())['rsum']:.1f}: a different thread count sums floats in another "
                      "order, and the runs drift apart by that much.")
