@@ -6,7 +6,9 @@
 For every model: image -> caption R@1 and R@5 (a hit when one of the photo's own two captions is
 ranked there, among all 138 pool captions) and caption -> image R@1 (each of the 96 own captions
 ranks the 48 photos), for the full score and for the model's own global cosine alone, plus the
-photos whose top caption is wrong. These photos and captions are never used for training, early
+photos whose top caption is wrong. For the diagnosis, the same counts for every part of the score
+(each stream and each stream's level alone, each left out, as ``tshsr.analysis.rankers`` names
+them) and for the context level cut out of the reasoning. These photos and captions are never used for training, early
 stopping or choosing a recipe: this is a check of the demo, not a target to tune on. Records go
 to benchmarks/results/examples_recall.jsonl (one per model and weights) and the
 "examples_recall" section of docs/RESULTS.md is rewritten from them.
@@ -39,6 +41,20 @@ def recall_counts(scores: np.ndarray, own: list[list[int]]) -> dict:
             "n_photos": len(own), "n_queries": len(t2i_hits), "misses": misses}
 
 
+def part_counts(model, images, texts, own: list[list[int]]) -> dict[str, dict]:
+    """Counts of every ranker of one scoring pass, and of the full score with the context level cut
+    out of the reasoning (when the model has one); no miss lists."""
+    from tshsr.analysis import context_cut, rankers
+
+    out = model.score_encoded(images, texts)
+    ranked = rankers(out.contributions, out.level_scores, out.stream_scores, out.global_similarity)
+    with context_cut(model) as has_context:
+        if has_context:
+            ranked["without context in reasoning"] = model.score_encoded(images, texts).scores
+    counts = {name: recall_counts(v.float().numpy(), own) for name, v in ranked.items()}
+    return {name: {k: c[k] for k in ("i2t_r1", "i2t_r5", "t2i_r1")} for name, c in counts.items()}
+
+
 def measure(name: str, model_dir: Path) -> dict:
     from tshsr import TSHSRModel
 
@@ -56,7 +72,8 @@ def measure(name: str, model_dir: Path) -> dict:
     cosine["misses"] = [photos[i] for i in cosine["misses"]]
     digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
     return {"name": name, "model": str(model_dir), "weights": digest, "full": full, "cosine": cosine,
-            "n_pool": len(pool), "commit": git_commit(), "machine": machine()}
+            "parts": part_counts(model, images, texts, own), "n_pool": len(pool), "commit": git_commit(),
+            "machine": machine()}
 
 
 def summarize(records: list[dict]) -> str:
@@ -76,7 +93,22 @@ def summarize(records: list[dict]) -> str:
                          f"{r['t2i_r1']}/{r['n_queries']} | {misses} |")
     lines += ["", "Models: " + "; ".join(f"{r['name']} = `{r['model']}` (weights {r['weights']}, commit "
                                           f"{r['commit']})" for r in records) + "."]
-    return "\n".join(lines)
+    return "\n".join(lines + parts_table(records))
+
+
+def parts_table(records: list[dict]) -> list[str]:
+    """The parts of the score on the photos, for the latest model measured with them."""
+    with_parts = [r for r in records if "parts" in r]
+    if not with_parts:
+        return []
+    rec = with_parts[-1]
+    n, q = rec["full"]["n_photos"], rec["full"]["n_queries"]
+    lines = ["", f"Each part of {rec['name']}'s score used alone as the ranker on the photos, or left out "
+             "(as in the *Streams and levels* section; a diagnosis, never a choice of recipe):", "",
+             "| ranker | image→caption R@1 | R@5 | caption→image R@1 |", "|---|---|---|---|"]
+    for part, c in rec["parts"].items():
+        lines.append(f"| {part} | {c['i2t_r1']}/{n} | {c['i2t_r5']}/{n} | {c['t2i_r1']}/{q} |")
+    return lines
 
 
 def main() -> None:
