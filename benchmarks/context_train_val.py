@@ -21,19 +21,15 @@ already recorded with the same weights is skipped, so a killed run resumes), and
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
 
 from results_md import git_commit, machine, write_section
+from streams_diagnosis import _digest, encode_split
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "context_train_val.jsonl"
-
-
-def _digest(model_dir: Path) -> str:
-    return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
 
 
 def load_records(path: Path = STORE) -> list[dict]:
@@ -45,15 +41,9 @@ def measure(model_dir: Path, split_name: str, max_images: int | None, data_dir: 
     """RSUM of the full score, the cosine and the context knock-out on one split."""
     import torch
 
-    from tshsr import TSHSRModel
     from tshsr.analysis import knockout_metrics, part_metrics
-    from tshsr.data import load_split
-    from tshsr_train.loop import BatchSource, encode_source
 
-    model = TSHSRModel.from_pretrained(model_dir)
-    split = load_split("imagefolder", split_name, data_dir=data_dir, max_images=max_images)
-    source = BatchSource(model, split, cache_dir, progress=True)
-    images, texts = encode_source(model, source, torch.device("cpu"))
+    model, split, images, texts = encode_split(model_dir, data_dir, cache_dir, split_name, max_images)
     with torch.no_grad():
         parts = part_metrics(model, images, texts, split.caption_image, rerank_k=rerank_k)
         knocked = knockout_metrics(model, images, texts, split.caption_image, rerank_k=rerank_k)

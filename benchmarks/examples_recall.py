@@ -41,12 +41,12 @@ def recall_counts(scores: np.ndarray, own: list[list[int]]) -> dict:
             "n_photos": len(own), "n_queries": len(t2i_hits), "misses": misses}
 
 
-def part_counts(model, images, texts, own: list[list[int]]) -> dict[str, dict]:
-    """Counts of every ranker of one scoring pass, and of the full score with the context level cut
-    out of the reasoning (when the model has one); no miss lists."""
+def part_counts(model, images, texts, own: list[list[int]], out=None) -> dict[str, dict]:
+    """Counts of every ranker of one scoring pass (``out``, scored here when not given), and of the
+    full score with the context level cut out of the reasoning (when the model has one); no miss lists."""
     from tshsr.analysis import context_cut, rankers
 
-    out = model.score_encoded(images, texts)
+    out = out if out is not None else model.score_encoded(images, texts)
     ranked = rankers(out.contributions, out.level_scores, out.stream_scores, out.global_similarity)
     with context_cut(model) as has_context:
         if has_context:
@@ -72,7 +72,7 @@ def measure(name: str, model_dir: Path) -> dict:
     cosine["misses"] = [photos[i] for i in cosine["misses"]]
     digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
     return {"name": name, "model": str(model_dir), "weights": digest, "full": full, "cosine": cosine,
-            "parts": part_counts(model, images, texts, own), "n_pool": len(pool), "commit": git_commit(),
+            "parts": part_counts(model, images, texts, own, out), "n_pool": len(pool), "commit": git_commit(),
             "machine": machine()}
 
 

@@ -30,24 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from results_md import git_commit, machine, write_section
-from streams_diagnosis import _digest
+from streams_diagnosis import _digest, encode_split
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "seed_ensemble.jsonl"
 PAIR_CHUNK = 4096
-
-
-def _encoded(model_dir: Path, data_dir: str, cache_dir: str):
-    import torch
-
-    from tshsr import TSHSRModel
-    from tshsr.data import load_split
-    from tshsr_train.loop import BatchSource, encode_source
-
-    model = TSHSRModel.from_pretrained(model_dir)
-    split = load_split("imagefolder", "validation", data_dir=data_dir)
-    images, texts = encode_source(model, BatchSource(model, split, cache_dir, progress=True), torch.device("cpu"))
-    return model, split, images, texts
 
 
 def _pair_scores(model, images, texts, rows: np.ndarray, cols: np.ndarray, stream: str | None) -> np.ndarray:
@@ -80,7 +67,7 @@ def ensemble(models: dict[str, tuple[Path, str | None]], data_dir: str, cache_di
     from tshsr.metrics import retrieval_metrics
 
     start = time.time()
-    encoded = {name: _encoded(d, data_dir, cache_dir) for name, (d, _) in models.items()}
+    encoded = {name: encode_split(d, data_dir, cache_dir) for name, (d, _) in models.items()}
     caption_image = np.asarray(next(iter(encoded.values()))[1].caption_image, dtype=np.int64)
     with torch.no_grad():
         cosines = {n: m.global_similarity(i, t).double().numpy() for n, (m, _, i, t) in encoded.items()}

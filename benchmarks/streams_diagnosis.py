@@ -72,8 +72,10 @@ def _write(records: list[dict], path: Path = STORE) -> list[dict]:
     return records
 
 
-def _encode_validation(model_dir: Path, data_dir: str, cache_dir: str):
-    """(model, split, image encoding, text encoding) of Flickr8k validation."""
+def encode_split(model_dir: Path, data_dir: str, cache_dir: str, split_name: str = "validation",
+                 max_images: int | None = None):
+    """(model, split, image encoding, text encoding) of a Flickr8k split (default: validation),
+    from the feature cache; ``max_images`` keeps the split's first images."""
     import torch
 
     from tshsr import TSHSRModel
@@ -81,7 +83,7 @@ def _encode_validation(model_dir: Path, data_dir: str, cache_dir: str):
     from tshsr_train.loop import BatchSource, encode_source
 
     model = TSHSRModel.from_pretrained(model_dir)
-    split = load_split("imagefolder", "validation", data_dir=data_dir)
+    split = load_split("imagefolder", split_name, data_dir=data_dir, max_images=max_images)
     source = BatchSource(model, split, cache_dir, progress=True)
     images, texts = encode_source(model, source, torch.device("cpu"))
     return model, split, images, texts
@@ -92,7 +94,7 @@ def add_spread(name: str, model_dir: Path, data_dir: str, cache_dir: str) -> lis
     add it to its records in place (records written before the spread was measured)."""
     records = load_records()
     mine = _recorded(records, name, model_dir)
-    _, _, images, texts = _encode_validation(model_dir, data_dir, cache_dir)
+    _, _, images, texts = encode_split(model_dir, data_dir, cache_dir)
     spread = {"text": context_spread(texts), "image": context_spread(images)}
     for record in mine:
         if spread["text"]:
@@ -110,7 +112,7 @@ def add_knockout(name: str, model_dir: Path, data_dir: str, cache_dir: str, rera
     protocol = "exhaustive" if rerank_k is None else f"rerank-{rerank_k}"
     records = load_records()
     mine = _recorded(records, name, model_dir, protocol)
-    model, split, images, texts = _encode_validation(model_dir, data_dir, cache_dir)
+    model, split, images, texts = encode_split(model_dir, data_dir, cache_dir)
     score_all = (lambda: model.score_encoded(images, texts, progress=True)) if rerank_k is None else None
     knocked = knockout_metrics(model, images, texts, split.caption_image, rerank_k=rerank_k, score_all=score_all)
     if not knocked:
@@ -138,7 +140,7 @@ def context_spread(encoding) -> dict | None:
 def diagnose(name: str, model_dir: Path, data_dir: str, rerank_k: int | None, cache_dir: str) -> dict:
     from tshsr.analysis import knockout_metrics, part_metrics, shortlisted_values, stream_agreement
 
-    model, split, images, texts = _encode_validation(model_dir, data_dir, cache_dir)
+    model, split, images, texts = encode_split(model_dir, data_dir, cache_dir)
     start = time.time()
     if rerank_k is None:
         from tshsr.evaluate import resolve_compile
