@@ -51,6 +51,10 @@ class TSHSRConfig:
     # The reasoning graph also links local and global directly (global gathers the local nodes, local
     # nodes read the global node), so the context level is a path beside local -> global, not between.
     context_skip: bool = False
+    # The context level's messages (into the global node and into the local nodes) are scaled by a
+    # learned gate that starts at zero (ReZero): the reasoning starts as the graph without the context
+    # level and takes in the context path only as far as training finds it useful. Needs context_skip.
+    context_gate: bool = False
     # A learned salience logit per word in each stream (zero at first): i2t adds it to the logits of
     # the words a region attends over, t2i weights each word's alignment by its softmax.
     word_salience: bool = False
@@ -142,6 +146,8 @@ class TSHSRConfig:
             bad("reasoning_steps must be >= 0")
         if self.context_skip and "context" not in self.levels:
             bad("context_skip links local and global beside the context level; it needs the context level")
+        if self.context_gate and not self.context_skip:
+            bad("context_gate starts the context path closed; it needs context_skip (the direct local-global edges)")
         if self.separate_streams and set(self.streams) != set(STREAMS):
             bad("separate_streams gives each of the two streams its own towers; it needs streams=('i2t', 't2i')")
         if "context" in self.levels and (self.context_units_image <= 0 or self.context_units_text <= 0):
@@ -196,7 +202,7 @@ class TSHSRConfig:
         if data["backbone_sha256"] is None:  # nothing to pin: config.json stays as older versions wrote it
             del data["backbone_sha256"]
         # off: config.json (and its hash) as older versions wrote it
-        for flag in ("context_skip", "word_salience", "separate_streams"):
+        for flag in ("context_skip", "context_gate", "word_salience", "separate_streams"):
             if not data[flag]:
                 del data[flag]
         if data["context_pooling"] == "learned":

@@ -195,7 +195,7 @@ class HierarchicalReasoning(nn.Module):
     the other levels *use* the context level (:func:`tshsr.analysis.context_cut`).
     """
 
-    def __init__(self, sim_dim: int, steps: int, with_context: bool, skip: bool = False):
+    def __init__(self, sim_dim: int, steps: int, with_context: bool, skip: bool = False, gate: bool = False):
         super().__init__()
         self.steps = steps
         self.with_context = with_context
@@ -213,6 +213,9 @@ class HierarchicalReasoning(nn.Module):
         if self.skip:
             self.skip_up = nn.Linear(m, m)  # local nodes -> global node
             self.skip_down = nn.Linear(m, m)  # global node -> local nodes
+        # ``gate`` (with skip): one learned scale, zero at first, on the context level's messages to
+        # the global and local nodes (ReZero): the graph starts as the one without the context level.
+        self.context_scale = nn.Parameter(torch.zeros(())) if gate and self.skip else None
 
     def forward(self, local, local_mask, context, membership, global_node):
         """local [P, n, m], local_mask [P, n], context [P, C, m] or None, membership [P, C, n]
@@ -239,6 +242,8 @@ class HierarchicalReasoning(nn.Module):
                 up_edge = masked_softmax(local_logit, local_mask, dim=1)
                 gathered = torch.bmm(up_edge.unsqueeze(1), local).squeeze(1)
             update = torch.zeros_like(global_node) if cut else relu(self.up_global(gathered))
+            if self.context_scale is not None and not cut:
+                update = self.context_scale * update
             if self.skip:
                 local_edge = masked_softmax(local_logit, local_mask, dim=1)
                 update = update + relu(self.skip_up(torch.bmm(local_edge.unsqueeze(1), local).squeeze(1)))
@@ -249,6 +254,8 @@ class HierarchicalReasoning(nn.Module):
                 context = l2norm(context + relu(self.down_context(torch.cat([context, g], -1))), fresh=True)
                 message = relu(self.down_local(torch.cat([context, g], -1)))  # [P, C, m]
                 received = torch.zeros_like(local) if cut else torch.bmm(share_t, message)  # [P, n, m]
+                if self.context_scale is not None and not cut:
+                    received = self.context_scale * received
                 if self.skip:
                     received = received + relu(self.skip_down(global_node)).unsqueeze(1)
             else:
@@ -281,7 +288,7 @@ class StreamHead(nn.Module):
             self.context_nodes = SimilarityNodes(D, m)
             self.context_readout = FilteredReadout(m)
         self.reasoning = HierarchicalReasoning(m, config.reasoning_steps, "context" in self.levels,
-                                               skip=config.context_skip)
+                                               skip=config.context_skip, gate=config.context_gate)
         # Starts leaning on the cosine of the contrastive global vectors: it learns fastest.
         self.cosine_mix = nn.Parameter(torch.tensor(2.0)) if self.global_cosine else None
         self.detach_context_units = False  # set through HeadKind.set_context_detach (training only)

@@ -33,6 +33,9 @@ class LossSettings:
     # InfoNCE on each stream's alignment score plus the other stream's (without gradient), per level:
     # each stream learns where the other is wrong instead of repeating it.
     alignment_complement: float = 0.0
+    # Hinge on what the context path adds to the full score (full minus the score with the context
+    # level cut from the reasoning), so that its contribution is itself a matcher.
+    context_gain_weight: float = 0.0
 
     @classmethod
     def from_args(cls, args) -> "LossSettings":
@@ -88,8 +91,21 @@ def matching_loss(model, images, texts, positive: torch.Tensor, settings: LossSe
         if len(out.level_scores) > 1 and settings.aux_level_weight > 0:
             parts["aux_levels"] = sum(hinge(v) for v in out.level_scores.values()) / len(out.level_scores)
             loss = loss + settings.aux_level_weight * parts["aux_levels"]
+        if settings.context_gain_weight > 0 and model.has_context:
+            parts["context_gain"] = hinge(out.scores - context_cut_scores(model, images, texts, pi, pt))
+            loss = loss + settings.context_gain_weight * parts["context_gain"]
         parts["pairs"] = torch.tensor(float(len(pi)))
     return MatchingLoss(loss, parts)
+
+
+def context_cut_scores(model, images, texts, pi: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:
+    """Full scores of the pairs (pi[p], pt[p]) with the context level cut from every stream's
+    reasoning (``tshsr.analysis.context_cut``), with gradient: the context path's contribution to a
+    pair is its full score minus this."""
+    from .analysis import context_cut
+
+    with context_cut(model):
+        return model.score_pairs(images, texts, pi, pt).scores
 
 
 def alignment_loss(model, images, texts, positive: torch.Tensor, scale: torch.Tensor, chunk: int,

@@ -31,11 +31,11 @@ Examples:
 # The settings that make a training recipe (beside data, budget and machine): the model card lists
 # those a run changed.
 RECIPE_FIELDS = ("warmup_epochs", "margin", "grad_clip", "hard_negatives", "random_negatives", "aux_stream_weight",
-                 "aux_level_weight", "mine_pool", "stream_fusion", "level_fusion", "level_weights", "level_cosine", "context_skip",
+                 "aux_level_weight", "mine_pool", "stream_fusion", "level_fusion", "level_weights", "level_cosine", "context_skip", "context_gate",
                  "context_units", "context_pooling", "word_salience", "separate_streams", "alignment_weight", "alignment_joint",
                  "alignment_chunk",
                  "context_detach", "alignment_levels", "alignment_complement", "unit_dropout", "context_path_dropout",
-                 "contrastive_weight", "finetune_text", "text_finetune_layers", "finetune_image", "text_lr_mult", "image_lr_mult",
+                 "context_gain_weight", "contrastive_weight", "finetune_text", "text_finetune_layers", "finetune_image", "text_lr_mult", "image_lr_mult",
                  "fusion_lr_mult")
 
 
@@ -77,6 +77,7 @@ class TrainArgs:
     level_cosine: bool = False  # local/context levels also carry SCAN's alignment (attended cosine)
     separate_streams: bool = False  # each stream its own towers (projections, pooling, embedding)
     word_salience: bool = False  # a learned salience per word in each stream's attention / alignment
+    context_gate: bool = False  # the context path's messages scaled by a learned gate, zero at first
     context_skip: bool = False  # reasoning also links local and global directly (context beside, not between)
     context_units: list | None = None  # [image, text] context units (None: the preset's 6 and 4)
     context_pooling: str = "learned"  # context units: "learned" soft groups or fixed "windows"
@@ -89,6 +90,7 @@ class TrainArgs:
     contrastive_weight: float = 1.0
     unit_dropout: float = 0.0  # training only: each region and word is hidden with this probability
     context_path_dropout: float = 0.0  # training only: a step runs with the context level cut from the reasoning
+    context_gain_weight: float = 0.0  # hinge on the full score minus the score with the context level cut
     finetune_text: bool = False
     text_finetune_layers: int = 0  # train the top N layers of the text encoder on cached lower layers
     finetune_image: bool = False
@@ -201,6 +203,10 @@ def _add_optimisation_flags(p: argparse.ArgumentParser, d: TrainArgs) -> None:
                    help="training only: with this probability a step runs with the context level cut out of the "
                         "reasoning graph (the global and local nodes do not read it; drawn per step): the other "
                         "levels learn to work without it, like stochastic depth")
+    g.add_argument("--context-gain-weight", type=float, default=d.context_gain_weight,
+                   help="weight of a hinge on what the context path adds to each mined pair's score (the full score "
+                        "minus the score with the context level cut from the reasoning): its contribution is trained "
+                        "to rank by itself; costs a second scoring of the mined pairs")
     g.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
     g.add_argument("--device", default=d.device)
     g.add_argument("--threads", type=int, default=d.threads, help="CPU threads (torch.set_num_threads)")
@@ -267,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-skip", action="store_true",
                    help="the reasoning graph also links the local and global levels directly, so the context "
                         "level is a path beside local -> global instead of the only one")
+    g.add_argument("--context-gate", action="store_true",
+                   help="with --context-skip: the context level's messages to the global and local nodes are scaled "
+                        "by one learned gate per stream, zero at first (the reasoning starts as the graph without "
+                        "the context level and opens the path only as far as training finds it useful)")
     g.add_argument("--separate-streams", action="store_true",
                    help="each stream has its own towers (projections, pooling and contrastive embedding of both "
                         "sides), so the two streams no longer read the same unit vectors; with --preset dual: "

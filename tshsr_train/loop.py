@@ -305,6 +305,11 @@ def _start(args: TrainArgs) -> _Run:
         model.head_kind.set_context_detach(model, True)
     if args.context_path_dropout > 0 and not model.has_context:
         raise SystemExit("--context-path-dropout needs a preset whose reasoning has the context level (tshsr, t2i, i2t)")
+    if args.context_gain_weight > 0 and not model.has_context:
+        raise SystemExit("--context-gain-weight needs a preset whose reasoning has the context level (tshsr, t2i, i2t)")
+    if args.context_gain_weight > 0 and args.context_path_dropout > 0:
+        raise SystemExit("--context-gain-weight and --context-path-dropout do not combine: a step with the context "
+                         "path cut has no context gain to train")
     model.train()
     progress = args.progress and rank == 0
     train_source = BatchSource(model, train_split, args.cache_dir, progress)
