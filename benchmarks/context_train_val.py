@@ -2,7 +2,7 @@
 """Does the context path overfit? The context knock-out on training images against validation.
 
     python benchmarks/context_train_val.py --model NAME=DIR [--model NAME=DIR ...] [--rerank-k 20]
-        [--train-images 1000] [--threads N]
+        [--train-images 1000] [--splits train validation] [--threads N]
 
 Cutting the context level out of the reasoning at evaluation *gains* 2-4 RSUM on Flickr8k
 validation for every model of recipe v8 (docs/STREAMS.md). This script asks why: for each model
@@ -81,6 +81,9 @@ def main() -> None:
     p.add_argument("--cache-dir", default=str(ROOT / "cache" / "features"))
     p.add_argument("--rerank-k", type=int, default=20)
     p.add_argument("--train-images", type=int, default=1000)
+    p.add_argument("--splits", nargs="+", choices=["train", "validation"], default=["train", "validation"],
+                   help="which splits to score (validation alone: the knock-out of a new model at the trainer's "
+                        "protocol)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--summary-only", action="store_true", help="rewrite the RESULTS section from the records")
     args = p.parse_args()
@@ -94,6 +97,8 @@ def main() -> None:
         model_dir = Path(directory or name)
         weights = _digest(model_dir)
         for split_name, max_images in (("train", args.train_images), ("validation", None)):
+            if split_name not in args.splits:
+                continue
             if any(r["name"] == name and r["split"] == split_name and r["weights"] == weights for r in records):
                 continue
             start = time.time()
