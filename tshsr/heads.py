@@ -217,6 +217,10 @@ class HierarchicalReasoning(nn.Module):
         # the global and local nodes (ReZero): the graph starts as the one without the context level.
         self.context_scale = nn.Parameter(torch.zeros(())) if gate and self.skip else None
 
+    def _gated(self, context_term: torch.Tensor) -> torch.Tensor:
+        """A context-path term scaled by the gate (unchanged without one)."""
+        return context_term if self.context_scale is None else self.context_scale * context_term
+
     def forward(self, local, local_mask, context, membership, global_node):
         """local [P, n, m], local_mask [P, n], context [P, C, m] or None, membership [P, C, n]
         (rows sum to one over the query units) or None, global_node [P, m]."""
@@ -241,9 +245,7 @@ class HierarchicalReasoning(nn.Module):
             else:
                 up_edge = masked_softmax(local_logit, local_mask, dim=1)
                 gathered = torch.bmm(up_edge.unsqueeze(1), local).squeeze(1)
-            update = torch.zeros_like(global_node) if cut else relu(self.up_global(gathered))
-            if self.context_scale is not None and not cut:
-                update = self.context_scale * update
+            update = torch.zeros_like(global_node) if cut else self._gated(relu(self.up_global(gathered)))
             if self.skip:
                 local_edge = masked_softmax(local_logit, local_mask, dim=1)
                 update = update + relu(self.skip_up(torch.bmm(local_edge.unsqueeze(1), local).squeeze(1)))
@@ -253,9 +255,7 @@ class HierarchicalReasoning(nn.Module):
                 g = global_node.unsqueeze(1).expand_as(context)
                 context = l2norm(context + relu(self.down_context(torch.cat([context, g], -1))), fresh=True)
                 message = relu(self.down_local(torch.cat([context, g], -1)))  # [P, C, m]
-                received = torch.zeros_like(local) if cut else torch.bmm(share_t, message)  # [P, n, m]
-                if self.context_scale is not None and not cut:
-                    received = self.context_scale * received
+                received = torch.zeros_like(local) if cut else self._gated(torch.bmm(share_t, message))  # [P, n, m]
                 if self.skip:
                     received = received + relu(self.skip_down(global_node)).unsqueeze(1)
             else:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .analysis import context_cut
 from .encoding import head_inputs
 from .losses import contrastive_loss, hinge_loss, mine_candidates
 
@@ -102,8 +103,6 @@ def context_cut_scores(model, images, texts, pi: torch.Tensor, pt: torch.Tensor)
     """Full scores of the pairs (pi[p], pt[p]) with the context level cut from every stream's
     reasoning (``tshsr.analysis.context_cut``), with gradient: the context path's contribution to a
     pair is its full score minus this."""
-    from .analysis import context_cut
-
     with context_cut(model):
         return model.score_pairs(images, texts, pi, pt).scores
 
