@@ -154,6 +154,13 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                                                      "opens the path only as far as training finds it useful",
                                                      [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, "--context-gate",
                                                       *TEXT_TOP]),
+    "detach-skip-separate-windows-ctx0-rel-text1": ("v8 + --context-relations: the context nodes reason over each "
+                                                    "other (SGR's relation step) in every reasoning step, so the "
+                                                    "context level can carry relations between phrases and "
+                                                    "neighbourhoods that the window means and the local nodes "
+                                                    "cannot (the gate showed the means add nothing)",
+                                                    [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, "--context-relations",
+                                                     *TEXT_TOP]),
     "flat-separate-text1": ("flat with two towers + --text-finetune-layers 1: the comparison for "
                             "detach-skip-separate-windows-ctx0-text1",
                             ["--preset", "flat", *ALIGN_NCE, "--separate-streams", *TEXT_TOP]),

@@ -125,7 +125,7 @@ def test_model_mined_negatives_are_the_models_hardest(make_model, regions, capti
 def test_attended_cosine_grid_equals_the_attended_vectors_cosine(make_model, regions, captions) -> None:
     """The Gram-matrix shortcut gives the same alignment as building every attended vector."""
     from tshsr.encoding import head_inputs
-    from tshsr.heads import attended_cosine_grid, cross_attention, mean_alignment
+    from tshsr.attention import attended_cosine_grid, cross_attention, mean_alignment
 
     model = make_model("tshsr", level_cosine=True)
     images, texts = _encode(model, regions[:4], captions[:5])

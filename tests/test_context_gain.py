@@ -11,7 +11,7 @@ import torch
 from tests.test_train import data, run, train_cmd  # noqa: F401  (the precomp fixture)
 from tshsr.analysis import context_cut
 from tshsr.heads import HierarchicalReasoning
-from tshsr.loss import LossSettings, context_cut_scores, matching_loss
+from tshsr.loss import LossSettings, matching_loss, scores_with_context_cut
 from tshsr.losses import hinge_loss
 from tshsr_train.args import parse_args
 
@@ -36,7 +36,13 @@ def test_the_gain_is_the_full_score_minus_the_cut_score_and_trains_the_context_p
         full = model.score_pairs(images, texts, pi, pt).scores
         with context_cut(model):
             cut = model.score_pairs(images, texts, pi, pt).scores
-        torch.testing.assert_close(context_cut_scores(model, images, texts, pi, pt), cut)
+        twin, twin_cut = scores_with_context_cut(model, images, texts, pi, pt)
+    # One pass over the nodes, reasoned twice, gives the same scores as scoring twice.
+    torch.testing.assert_close(twin.scores, full)
+    torch.testing.assert_close(twin_cut, cut)
+    for key, v in model.score_pairs(images, texts, pi, pt).level_scores.items():
+        torch.testing.assert_close(twin.level_scores[key], v.detach())
+    assert not any(m.twin_cut for m in model.modules() if hasattr(m, "twin_cut"))  # restored
     expected = hinge_loss((full - cut).view(4, 4), positive, torch.ones_like(positive), settings.margin, False)
     torch.testing.assert_close(out.parts["context_gain"], expected)
     assert (full - cut).abs().max() > 0  # the context path does move the score

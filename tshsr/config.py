@@ -55,6 +55,9 @@ class TSHSRConfig:
     # learned gate that starts at zero (ReZero): the reasoning starts as the graph without the context
     # level and takes in the context path only as far as training finds it useful. Needs context_skip.
     context_gate: bool = False
+    # The context nodes reason over each other (SGR's relation step, residual) after gathering their
+    # local nodes in each reasoning step: relations between phrases / neighbourhoods, not only means.
+    context_relations: bool = False
     # A learned salience logit per word in each stream (zero at first): i2t adds it to the logits of
     # the words a region attends over, t2i weights each word's alignment by its softmax.
     word_salience: bool = False
@@ -148,6 +151,8 @@ class TSHSRConfig:
             bad("context_skip links local and global beside the context level; it needs the context level")
         if self.context_gate and not self.context_skip:
             bad("context_gate starts the context path closed; it needs context_skip (the direct local-global edges)")
+        if self.context_relations and "context" not in self.levels:
+            bad("context_relations links the context nodes with each other; it needs the context level")
         if self.separate_streams and set(self.streams) != set(STREAMS):
             bad("separate_streams gives each of the two streams its own towers; it needs streams=('i2t', 't2i')")
         if "context" in self.levels and (self.context_units_image <= 0 or self.context_units_text <= 0):
@@ -202,7 +207,7 @@ class TSHSRConfig:
         if data["backbone_sha256"] is None:  # nothing to pin: config.json stays as older versions wrote it
             del data["backbone_sha256"]
         # off: config.json (and its hash) as older versions wrote it
-        for flag in ("context_skip", "context_gate", "word_salience", "separate_streams"):
+        for flag in ("context_skip", "context_gate", "context_relations", "word_salience", "separate_streams"):
             if not data[flag]:
                 del data[flag]
         if data["context_pooling"] == "learned":

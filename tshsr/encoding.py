@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .heads import context_units, l2norm, masked_softmax
+from .attention import context_units, l2norm, masked_softmax
 from .io import release_free_memory
 
 

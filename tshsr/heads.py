@@ -1,5 +1,5 @@
-"""Similarity heads: SCAN attention, similarity nodes, hierarchical reasoning, the TSHSR stream
-(SGRAF's SGR and SAF heads are in :mod:`tshsr.sgraf`).
+"""Similarity heads: similarity nodes, hierarchical reasoning, the TSHSR stream (SCAN attention and
+the other primitives are in :mod:`tshsr.attention`, SGRAF's SGR and SAF heads in :mod:`tshsr.sgraf`).
 
 All functions work on *pairs*: tensors with a leading pair axis P, where pair p holds one image
 and one caption. Exhaustive scoring, mined negatives in training and reranking all reduce to
@@ -13,130 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NEG_INF = -1e4  # large enough to zero a softmax entry, small enough to stay finite in bf16
+from .attention import (  # noqa: F401  (l2norm, masked_softmax, context_units: also read from here)
+    GraphReasoningStep, attended_cosine_grid, context_units, cross_attention, cross_attention_grid,
+    l2norm, masked_softmax, mean_alignment, relu, unit_alignment)
 
-
-def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8, fresh: bool = False) -> torch.Tensor:
-    """x / (||x|| + eps) along ``dim``.
-
-    ``fresh=True`` says x is a temporary nobody else holds: without autograd it is then divided
-    in place, which saves a pass over memory (the scoring engine is memory-bound outside its
-    matrix products).
-    """
-    # linalg.vector_norm is one fused pass; x.pow(2).sum().sqrt() was three (memory-bound on CPU)
-    if not torch.is_grad_enabled():
-        norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True).add_(eps)
-        return x.div_(norm) if fresh else x / norm
-    return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + eps)
-
-
-def relu(x: torch.Tensor) -> torch.Tensor:
-    """ReLU of a fresh temporary: in place when autograd is off."""
-    return x.relu_() if not torch.is_grad_enabled() else F.relu(x)
-
-
-def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
-    return torch.softmax(logits.masked_fill(~mask, NEG_INF), dim=dim) * mask
-
-
-def cross_attention(
-    queries: torch.Tensor, query_mask: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
-    smooth: float, normalize_over_queries: bool = True, key_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SCAN/SGRAF attention of each query unit over the key units.
-
-    A = LeakyReLU_0.1(Q K^T); each key's column is L2-normalised over the queries (SCAN's
-    "clipped l2norm"), weights = softmax over keys of (smooth * A); the attended vector is
-    L2-normalised. Returns (attended [P, nq, D], weights [P, nq, nk]); weights of a valid query
-    sum to one over the valid keys; rows of padded queries are zero. ``key_bias`` [P, nk] (the
-    word salience of :class:`StreamHead`) is added to every query's logits: a learned prior of
-    which keys are worth attending to.
-    """
-    affinity = F.leaky_relu(torch.bmm(queries, keys.transpose(1, 2)), 0.1)
-    affinity = affinity * query_mask.unsqueeze(2)
-    if normalize_over_queries:
-        affinity = l2norm(affinity, dim=1, fresh=True)
-    logits = smooth * affinity if key_bias is None else smooth * affinity + key_bias.unsqueeze(1)
-    weights = masked_softmax(logits, key_mask.unsqueeze(1), dim=2) * query_mask.unsqueeze(2)
-    return l2norm(torch.bmm(weights, keys), fresh=True), weights
-
-
-def cross_attention_grid(
-    queries: torch.Tensor, query_mask: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
-    smooth: float, queries_are_images: bool, key_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`cross_attention` for every (query item, key item) combination at once.
-
-    queries [Bq, nq, D] and keys [Bk, nk, D] hold per-item units; the result is laid out
-    image-major, [n_images, n_texts, nq, D] and [n_images, n_texts, nq, nk], whichever side the
-    queries come from. One large matrix product gives all affinities and one batched product per
-    key item gives all attended vectors, instead of a small product per pair. ``key_bias`` is
-    per key item, [Bk, nk].
-    """
-    Bq, nq, D = queries.shape
-    Bk, nk, _ = keys.shape
-    raw = (queries.reshape(Bq * nq, D) @ keys.reshape(Bk * nk, D).T).view(Bq, nq, Bk, nk)
-    affinity = F.leaky_relu(raw.permute(2, 0, 1, 3), 0.1)  # [Bk, Bq, nq, nk]
-    qmask = query_mask.view(1, Bq, nq, 1)
-    affinity = l2norm(affinity * qmask, dim=2, fresh=True)
-    logits = smooth * affinity if key_bias is None else smooth * affinity + key_bias.view(Bk, 1, 1, nk)
-    weights = masked_softmax(logits, key_mask.view(Bk, 1, 1, nk), dim=3) * qmask
-    attended = torch.bmm(weights.reshape(Bk, Bq * nq, nk), keys).view(Bk, Bq, nq, D)
-    attended = l2norm(attended, fresh=True)
-    if queries_are_images:  # key items are texts: put images first
-        return attended.transpose(0, 1), weights.transpose(0, 1)
-    return attended, weights
-
-
-def attended_cosine_grid(
-    queries: torch.Tensor, query_mask: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
-    smooth: float, queries_are_images: bool, key_bias: torch.Tensor | None = None,
-    query_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """SCAN's alignment score of every (image, text) combination, [n_images, n_texts]: the mean
-    over valid query units of cos(q_i, a_i), a_i the attended vector of :func:`cross_attention`.
-
-    Computed without the attended vectors: q_i . sum_j w_ij k_j = sum_j w_ij (q_i . k_j) and
-    ||sum_j w_ij k_j||^2 = w_i^T G w_i with G = K K^T per key item, so a whole training batch
-    (every image with every caption) costs about as little as its affinities. ``key_bias``
-    [Bk, nk] as in :func:`cross_attention_grid`; ``query_weights`` [Bq, nq] (zero on padding,
-    summing to one) replace the plain mean over query units by a weighted one.
-    """
-    Bq, nq, D = queries.shape
-    Bk, nk, _ = keys.shape
-    raw = (queries.reshape(Bq * nq, D) @ keys.reshape(Bk * nk, D).T).view(Bq, nq, Bk, nk).permute(2, 0, 1, 3)
-    qmask = query_mask.view(1, Bq, nq, 1).to(raw.dtype)
-    affinity = l2norm(F.leaky_relu(raw, 0.1) * qmask, dim=2)
-    logits = smooth * affinity if key_bias is None else smooth * affinity + key_bias.view(Bk, 1, 1, nk)
-    weights = masked_softmax(logits, key_mask.view(Bk, 1, 1, nk), dim=3) * qmask  # [Bk, Bq, nq, nk]
-    gram = torch.bmm(keys, keys.transpose(1, 2))  # [Bk, nk, nk]
-    squared = (torch.bmm(weights.reshape(Bk, Bq * nq, nk), gram).view(Bk, Bq, nq, nk) * weights).sum(-1)
-    cos = (weights * raw).sum(-1) / (squared.clamp(min=1e-12).sqrt() + 1e-8)  # l2norm's eps
-    if query_weights is None:
-        valid = query_mask.view(1, Bq, nq).to(raw.dtype)
-        score = (cos * valid).sum(-1) / valid.sum(-1).clamp(min=1)  # [Bk, Bq]
-    else:
-        score = (cos * query_weights.view(1, Bq, nq)).sum(-1)
-    return score.T if queries_are_images else score
-
-
-def unit_alignment(attended: torch.Tensor, queries: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """cos(q_i, a_i) of every query unit (both unit vectors), zero where ``mask`` is off."""
-    return (attended * queries).sum(-1) * mask.to(attended.dtype)
-
-
-def mean_alignment(attended: torch.Tensor, queries: torch.Tensor, mask: torch.Tensor,
-                   weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over valid query units of cos(q_i, a_i) (both unit vectors), over any leading shape;
-    with ``weights`` (zero on padding, summing to one over the query units) a weighted mean."""
-    if weights is not None:
-        return (unit_alignment(attended, queries, mask) * weights).sum(-1)
-    return unit_alignment(attended, queries, mask).sum(-1) / mask.to(attended.dtype).sum(-1).clamp(min=1)
-
-
-def context_units(units: torch.Tensor, membership: torch.Tensor) -> torch.Tensor:
-    """[N, C, D] context units: the membership-weighted mean of the units, L2-normalised."""
-    return l2norm(torch.bmm(membership, units), fresh=True)
 
 
 class SimilarityNodes(nn.Module):
@@ -195,7 +75,8 @@ class HierarchicalReasoning(nn.Module):
     the other levels *use* the context level (:func:`tshsr.analysis.context_cut`).
     """
 
-    def __init__(self, sim_dim: int, steps: int, with_context: bool, skip: bool = False, gate: bool = False):
+    def __init__(self, sim_dim: int, steps: int, with_context: bool, skip: bool = False, gate: bool = False,
+                 relations: bool = False):
         super().__init__()
         self.steps = steps
         self.with_context = with_context
@@ -216,19 +97,27 @@ class HierarchicalReasoning(nn.Module):
         # ``gate`` (with skip): one learned scale, zero at first, on the context level's messages to
         # the global and local nodes (ReZero): the graph starts as the one without the context level.
         self.context_scale = nn.Parameter(torch.zeros(())) if gate and self.skip else None
+        # ``relations``: after gathering their local nodes, the context nodes reason over each other
+        # (SGR's relation step, residual): a phrase's alignment is read in the light of the others'.
+        self.context_relations = GraphReasoningStep(m) if relations and with_context else None
 
-    def _gated(self, context_term: torch.Tensor) -> torch.Tensor:
-        """A context-path term scaled by the gate (unchanged without one)."""
-        return context_term if self.context_scale is None else self.context_scale * context_term
+    def _gated(self, context_term: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """A context-path term scaled by the gate (unchanged without one), zeroed for the pairs
+        whose ``keep`` is 0."""
+        if self.context_scale is not None:
+            context_term = self.context_scale * context_term
+        return context_term if keep is None else context_term * keep.view(-1, *[1] * (context_term.dim() - 1))
 
-    def forward(self, local, local_mask, context, membership, global_node):
+    def forward(self, local, local_mask, context, membership, global_node, cut: torch.Tensor | None = None):
         """local [P, n, m], local_mask [P, n], context [P, C, m] or None, membership [P, C, n]
-        (rows sum to one over the query units) or None, global_node [P, m]."""
+        (rows sum to one over the query units) or None, global_node [P, m]. ``cut`` [P] bool: per
+        pair, whether its context path is cut (None: ``cut_context`` decides for every pair)."""
         eps = 1e-6
         # Both gates read the same local nodes: one product gives both (one pass over the nodes).
         gate_w = torch.cat([self.local_gate.weight, self.down_gate.weight])
         gate_b = torch.cat([self.local_gate.bias, self.down_gate.bias])
         mask = local_mask.unsqueeze(-1).to(local.dtype)
+        keep = None if cut is None or not self.with_context else (~cut).to(local.dtype)
         cut = self.with_context and self.cut_context
         if self.with_context:  # step-invariant parts of the edges
             log_membership = torch.log(membership + eps)
@@ -240,12 +129,15 @@ class HierarchicalReasoning(nn.Module):
             if self.with_context:
                 edge = masked_softmax(log_membership + local_logit.unsqueeze(1), local_mask.unsqueeze(1), dim=2)
                 context = l2norm(context + relu(self.up_context(torch.bmm(edge, local))), fresh=True)
+                if self.context_relations is not None:
+                    every = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+                    context = l2norm(context + self.context_relations(context, every), fresh=True)
                 up_edge = torch.softmax(self.context_gate(context).squeeze(-1), dim=1)
                 gathered = torch.bmm(up_edge.unsqueeze(1), context).squeeze(1)
             else:
                 up_edge = masked_softmax(local_logit, local_mask, dim=1)
                 gathered = torch.bmm(up_edge.unsqueeze(1), local).squeeze(1)
-            update = torch.zeros_like(global_node) if cut else self._gated(relu(self.up_global(gathered)))
+            update = torch.zeros_like(global_node) if cut else self._gated(relu(self.up_global(gathered)), keep)
             if self.skip:
                 local_edge = masked_softmax(local_logit, local_mask, dim=1)
                 update = update + relu(self.skip_up(torch.bmm(local_edge.unsqueeze(1), local).squeeze(1)))
@@ -255,7 +147,7 @@ class HierarchicalReasoning(nn.Module):
                 g = global_node.unsqueeze(1).expand_as(context)
                 context = l2norm(context + relu(self.down_context(torch.cat([context, g], -1))), fresh=True)
                 message = relu(self.down_local(torch.cat([context, g], -1)))  # [P, C, m]
-                received = torch.zeros_like(local) if cut else self._gated(torch.bmm(share_t, message))  # [P, n, m]
+                received = torch.zeros_like(local) if cut else self._gated(torch.bmm(share_t, message), keep)  # [P, n, m]
                 if self.skip:
                     received = received + relu(self.skip_down(global_node)).unsqueeze(1)
             else:
@@ -264,6 +156,16 @@ class HierarchicalReasoning(nn.Module):
             local = l2norm(local, fresh=True)
             local = local.mul_(mask) if not torch.is_grad_enabled() else local * mask
         return local, context, global_node
+
+
+def _twin(tensors: tuple, align: dict) -> tuple[tuple, dict, torch.Tensor]:
+    """Every pair twice (the pair axis doubled, None kept) and the per-pair cut: off for the first
+    copy, on for the second (``StreamHead.twin_cut``)."""
+    def twice(t):
+        return None if t is None else torch.cat([t, t])
+    doubled = tuple(map(twice, tensors))
+    n = len(doubled[0])
+    return doubled, {lv: twice(v) for lv, v in align.items()}, torch.arange(n, device=doubled[0].device) >= n // 2
 
 
 class StreamHead(nn.Module):
@@ -288,10 +190,14 @@ class StreamHead(nn.Module):
             self.context_nodes = SimilarityNodes(D, m)
             self.context_readout = FilteredReadout(m)
         self.reasoning = HierarchicalReasoning(m, config.reasoning_steps, "context" in self.levels,
-                                               skip=config.context_skip, gate=config.context_gate)
+                                               skip=config.context_skip, gate=config.context_gate,
+                                               relations=config.context_relations)
         # Starts leaning on the cosine of the contrastive global vectors: it learns fastest.
         self.cosine_mix = nn.Parameter(torch.tensor(2.0)) if self.global_cosine else None
         self.detach_context_units = False  # set through HeadKind.set_context_detach (training only)
+        # (training only, tshsr.analysis.context_twin) every pair is reasoned twice on the same nodes,
+        # the second copy with the context path cut: pair outputs are [2P], full then cut.
+        self.twin_cut = False
         if config.level_fusion == "learned":
             self.level_logits = nn.Parameter(torch.zeros(len(self.levels)))
         total = sum(config.level_weights) if config.level_weights else 0.0
@@ -399,7 +305,11 @@ class StreamHead(nn.Module):
         elif want_maps:
             maps["context_attention"] = ctx_weights
             maps["context_membership"] = membership
-        local, context, glob = self.reasoning(local, query_mask, context, membership, glob)
+        cut = None
+        if self.twin_cut and context is not None:
+            (local, query_mask, context, membership, glob, cosine), align, cut = _twin(
+                (local, query_mask, context, membership, glob, cosine), align)
+        local, context, glob = self.reasoning(local, query_mask, context, membership, glob, cut)
 
         scores, alpha = self._level_scores(local, query_mask, context, glob, cosine, align)
         if want_maps:

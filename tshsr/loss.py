@@ -7,12 +7,12 @@ level's score alone. The terms themselves are pure functions in :mod:`tshsr.loss
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from .analysis import context_cut
 from .encoding import head_inputs
+from .heads import StreamHead
 from .losses import contrastive_loss, hinge_loss, mine_candidates
 
 
@@ -78,7 +78,9 @@ def matching_loss(model, images, texts, positive: torch.Tensor, settings: LossSe
     if model.head_kind.cross_attention:
         candidate = mine(model, images, texts, similarity, positive, settings, generator)
         pi, pt = candidate.nonzero(as_tuple=True)
-        out = model.score_pairs(images, texts, pi, pt)
+        gain = settings.context_gain_weight > 0 and model.has_context
+        out, cut_scores = (scores_with_context_cut(model, images, texts, pi, pt) if gain
+                           else (model.score_pairs(images, texts, pi, pt), None))
 
         def hinge(values):
             full = similarity.new_zeros(similarity.shape).index_put((pi, pt), values)
@@ -92,19 +94,34 @@ def matching_loss(model, images, texts, positive: torch.Tensor, settings: LossSe
         if len(out.level_scores) > 1 and settings.aux_level_weight > 0:
             parts["aux_levels"] = sum(hinge(v) for v in out.level_scores.values()) / len(out.level_scores)
             loss = loss + settings.aux_level_weight * parts["aux_levels"]
-        if settings.context_gain_weight > 0 and model.has_context:
-            parts["context_gain"] = hinge(out.scores - context_cut_scores(model, images, texts, pi, pt))
+        if gain:
+            parts["context_gain"] = hinge(out.scores - cut_scores)
             loss = loss + settings.context_gain_weight * parts["context_gain"]
         parts["pairs"] = torch.tensor(float(len(pi)))
     return MatchingLoss(loss, parts)
 
 
-def context_cut_scores(model, images, texts, pi: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:
-    """Full scores of the pairs (pi[p], pt[p]) with the context level cut from every stream's
-    reasoning (``tshsr.analysis.context_cut``), with gradient: the context path's contribution to a
-    pair is its full score minus this."""
-    with context_cut(model):
-        return model.score_pairs(images, texts, pi, pt).scores
+def scores_with_context_cut(model, images, texts, pi: torch.Tensor, pt: torch.Tensor):
+    """(the output of ``model.score_pairs`` on the pairs (pi[p], pt[p]), their full scores with the
+    context level cut from every stream's reasoning), both with gradient: the context path's
+    contribution to a pair is its full score minus the cut one. The similarity nodes are built
+    once and reasoned twice (``StreamHead.twin_cut``); the same values as scoring the pairs again
+    under ``tshsr.analysis.context_cut``, at the cost of the reasoning only."""
+    streams = [m for m in model.modules() if isinstance(m, StreamHead) and "context" in m.levels]
+    for stream in streams:
+        stream.twin_cut = True
+    try:
+        out = model.score_pairs(images, texts, pi, pt)
+    finally:
+        for stream in streams:
+            stream.twin_cut = False
+    n = len(pi)
+
+    def first(values: dict) -> dict:
+        return {key: v[:n] for key, v in values.items()}
+    full = replace(out, scores=out.scores[:n], contributions=first(out.contributions),
+                   level_scores=first(out.level_scores), stream_scores=first(out.stream_scores))
+    return full, out.scores[n:]
 
 
 def alignment_loss(model, images, texts, positive: torch.Tensor, scale: torch.Tensor, chunk: int,

@@ -8,22 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import SimilarityNodes, cross_attention, cross_attention_grid, l2norm, masked_softmax
-
-
-class GraphReasoningStep(nn.Module):
-    """One SGR step, as in SGRAF: N <- ReLU(W_r softmax((W_q N)(W_k N)^T) N)."""
-
-    def __init__(self, sim_dim: int):
-        super().__init__()
-        self.query = nn.Linear(sim_dim, sim_dim)
-        self.key = nn.Linear(sim_dim, sim_dim)
-        self.update = nn.Linear(sim_dim, sim_dim)
-
-    def forward(self, nodes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        logits = torch.bmm(self.query(nodes), self.key(nodes).transpose(1, 2))
-        edges = masked_softmax(logits, mask.unsqueeze(1), dim=2)
-        return F.relu(self.update(torch.bmm(edges, nodes))) * mask.unsqueeze(-1)
+from .attention import GraphReasoningStep, cross_attention, cross_attention_grid, l2norm
+from .heads import SimilarityNodes
 
 
 class SGRAFHead(nn.Module):

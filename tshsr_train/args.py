@@ -31,7 +31,7 @@ Examples:
 # The settings that make a training recipe (beside data, budget and machine): the model card lists
 # those a run changed.
 RECIPE_FIELDS = ("warmup_epochs", "margin", "grad_clip", "hard_negatives", "random_negatives", "aux_stream_weight",
-                 "aux_level_weight", "mine_pool", "stream_fusion", "level_fusion", "level_weights", "level_cosine", "context_skip", "context_gate",
+                 "aux_level_weight", "mine_pool", "stream_fusion", "level_fusion", "level_weights", "level_cosine", "context_skip", "context_gate", "context_relations",
                  "context_units", "context_pooling", "word_salience", "separate_streams", "alignment_weight", "alignment_joint",
                  "alignment_chunk",
                  "context_detach", "alignment_levels", "alignment_complement", "unit_dropout", "context_path_dropout",
@@ -78,6 +78,7 @@ class TrainArgs:
     separate_streams: bool = False  # each stream its own towers (projections, pooling, embedding)
     word_salience: bool = False  # a learned salience per word in each stream's attention / alignment
     context_gate: bool = False  # the context path's messages scaled by a learned gate, zero at first
+    context_relations: bool = False  # the context nodes reason over each other (SGR's relation step)
     context_skip: bool = False  # reasoning also links local and global directly (context beside, not between)
     context_units: list | None = None  # [image, text] context units (None: the preset's 6 and 4)
     context_pooling: str = "learned"  # context units: "learned" soft groups or fixed "windows"
@@ -229,6 +230,30 @@ def _add_tuning_flags(p: argparse.ArgumentParser, d: TrainArgs) -> None:
                    help="learning-rate multiplier of the level/stream mixing weights")
 
 
+def _add_context_flags(g, d) -> None:
+    """The model flags of the context level (in the "model" group)."""
+    g.add_argument("--context-skip", action="store_true",
+                   help="the reasoning graph also links the local and global levels directly, so the context "
+                        "level is a path beside local -> global instead of the only one")
+    g.add_argument("--context-gate", action="store_true",
+                   help="with --context-skip: the context level's messages to the global and local nodes are scaled "
+                        "by one learned gate per stream, zero at first (the reasoning starts as the graph without "
+                        "the context level and opens the path only as far as training finds it useful)")
+    g.add_argument("--context-relations", action="store_true",
+                   help="the context nodes reason over each other (SGR's relation step, residual) in every "
+                        "reasoning step, so the context level carries relations between phrases and "
+                        "neighbourhoods, not only their means")
+    g.add_argument("--context-units", type=int, nargs=2, metavar=("IMAGE", "TEXT"), default=d.context_units,
+                   help="context units (learned soft groups) over regions and over words (default: 6 and 4)")
+    g.add_argument("--context-pooling", choices=("learned", "windows"), default=d.context_pooling,
+                   help="how a context unit groups its units: learned soft groups (a query per unit) or fixed "
+                        "overlapping windows (phrase windows along the caption, neighbourhoods on the image grid; "
+                        "the image count must then be a square: --context-units 9 4)")
+    g.add_argument("--context-detach", action="store_true",
+                   help="training only: the context level reads the unit vectors without gradient, so it "
+                        "trains its own queries and nodes but never pulls on the units the local level aligns")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``train.py`` / ``tshsr-train``: one flag per :class:`TrainArgs` field."""
     d = TrainArgs()
@@ -270,13 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--level-cosine", action="store_true",
                    help="the local and context levels also carry SCAN's alignment score (mean cosine of each "
                         "unit with what it attends to), as the global level carries the global cosine")
-    g.add_argument("--context-skip", action="store_true",
-                   help="the reasoning graph also links the local and global levels directly, so the context "
-                        "level is a path beside local -> global instead of the only one")
-    g.add_argument("--context-gate", action="store_true",
-                   help="with --context-skip: the context level's messages to the global and local nodes are scaled "
-                        "by one learned gate per stream, zero at first (the reasoning starts as the graph without "
-                        "the context level and opens the path only as far as training finds it useful)")
     g.add_argument("--separate-streams", action="store_true",
                    help="each stream has its own towers (projections, pooling and contrastive embedding of both "
                         "sides), so the two streams no longer read the same unit vectors; with --preset dual: "
@@ -284,15 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--word-salience", action="store_true",
                    help="a learned salience per word: in i2t a prior on which words a region attends to, in t2i "
                         "the weight of each word's alignment (instead of every word, 'a' and 'the' included, alike)")
-    g.add_argument("--context-units", type=int, nargs=2, metavar=("IMAGE", "TEXT"), default=d.context_units,
-                   help="context units (learned soft groups) over regions and over words (default: 6 and 4)")
-    g.add_argument("--context-pooling", choices=("learned", "windows"), default=d.context_pooling,
-                   help="how a context unit groups its units: learned soft groups (a query per unit) or fixed "
-                        "overlapping windows (phrase windows along the caption, neighbourhoods on the image grid; "
-                        "the image count must then be a square: --context-units 9 4)")
-    g.add_argument("--context-detach", action="store_true",
-                   help="training only: the context level reads the unit vectors without gradient, so it "
-                        "trains its own queries and nodes but never pulls on the units the local level aligns")
+    _add_context_flags(g, d)
     _add_tuning_flags(p, d)
     _add_optimisation_flags(p, d)
     g = p.add_argument_group("run")

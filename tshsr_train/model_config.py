@@ -18,7 +18,7 @@ def build_config(args: TrainArgs, vocabulary: Vocabulary | None) -> TSHSRConfig:
                      stream_fusion=args.stream_fusion, level_fusion=args.level_fusion,
                      level_weights=tuple(args.level_weights) if args.level_weights else None,
                      level_cosine=args.level_cosine, context_skip=args.context_skip,
-                     context_gate=args.context_gate,
+                     context_gate=args.context_gate, context_relations=args.context_relations,
                      word_salience=args.word_salience, separate_streams=args.separate_streams,
                      context_pooling=args.context_pooling)
     if args.context_units:
@@ -39,7 +39,8 @@ MODEL_FLAGS = {
     "finetune_text": ("finetune_text",), "text_finetune_layers": ("text_finetune_layers",),
     "finetune_image": ("finetune_image",),
     "stream_fusion": ("stream_fusion",), "level_fusion": ("level_fusion",), "level_weights": ("level_weights",), "level_cosine": ("level_cosine",),
-    "context_skip": ("context_skip",), "context_gate": ("context_gate",), "word_salience": ("word_salience",),
+    "context_skip": ("context_skip",), "context_gate": ("context_gate",),
+    "context_relations": ("context_relations",), "word_salience": ("word_salience",),
     "separate_streams": ("separate_streams",),
     "context_units": ("context_units_image", "context_units_text"), "context_pooling": ("context_pooling",),
     "image_feature_dim": ("image_feature_dim",), "dataset": ("image_encoder",),
