@@ -18,7 +18,8 @@ from tshsr_train.args import parse_args
 FLAGS = dict(context_skip=True)
 
 
-def _batch(model, regions, captions):
+def train_batch(model, regions, captions):
+    """Four images and their four captions, encoded with gradient, and which pairs match."""
     images = model.encode_image_features(*model.image_features(regions[:4]))
     texts = model.encode_text_features(*model.text_features(captions[:4]))
     return images, texts, torch.eye(4, dtype=torch.bool)
@@ -27,7 +28,7 @@ def _batch(model, regions, captions):
 def test_the_gain_is_the_full_score_minus_the_cut_score_and_trains_the_context_path(make_model, regions,
                                                                                   captions) -> None:
     model = make_model("tshsr", **FLAGS).train()
-    images, texts, positive = _batch(model, regions, captions)
+    images, texts, positive = train_batch(model, regions, captions)
     settings = LossSettings(hard_negatives=-1, random_negatives=0, context_gain_weight=0.5)
     out = matching_loss(model, images, texts, positive, settings, hardest=False)
     assert not any(m.cut_context for m in model.modules() if isinstance(m, HierarchicalReasoning))  # restored
@@ -55,10 +56,10 @@ def test_the_gain_is_the_full_score_minus_the_cut_score_and_trains_the_context_p
 
 def test_off_by_default_and_for_a_model_without_a_context_level(make_model, regions, captions) -> None:
     model = make_model("tshsr", **FLAGS).train()
-    images, texts, positive = _batch(model, regions, captions)
+    images, texts, positive = train_batch(model, regions, captions)
     assert "context_gain" not in matching_loss(model, images, texts, positive, LossSettings(), hardest=False).parts
     flat = make_model("flat").train()
-    images, texts, positive = _batch(flat, regions, captions)
+    images, texts, positive = train_batch(flat, regions, captions)
     out = matching_loss(flat, images, texts, positive, LossSettings(context_gain_weight=0.5), hardest=False)
     assert "context_gain" not in out.parts
 

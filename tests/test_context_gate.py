@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from tests.test_context_gain import train_batch
 from tests.test_train import data, run, train_cmd  # noqa: F401  (the precomp fixture)
 from tshsr import TSHSRConfig
 from tshsr.analysis import context_cut
@@ -39,10 +40,8 @@ def test_a_closed_gate_scores_as_the_cut_path_and_an_open_one_does_not(make_mode
 
 def test_the_gate_learns(make_model, regions, captions) -> None:
     model = make_model("tshsr", **FLAGS).train()
-    images = model.encode_image_features(*model.image_features(regions[:4]))
-    texts = model.encode_text_features(*model.text_features(captions[:4]))
-    out = matching_loss(model, images, texts, torch.eye(4, dtype=torch.bool),
-                        LossSettings(hard_negatives=-1, random_negatives=0), hardest=False)
+    settings = LossSettings(hard_negatives=-1, random_negatives=0)
+    out = matching_loss(model, *train_batch(model, regions, captions), settings, hardest=False)
     out.loss.backward()
     for m in model.modules():
         if isinstance(m, HierarchicalReasoning):

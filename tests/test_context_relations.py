@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from tests.test_context_gain import train_batch
 from tests.test_train import data, run, train_cmd  # noqa: F401  (the precomp fixture)
 from tshsr import TSHSRConfig
 from tshsr.heads import HierarchicalReasoning
@@ -40,10 +41,8 @@ def test_a_silent_relation_step_scores_as_the_model_without_it(make_model, regio
 
 def test_the_relation_step_learns(make_model, regions, captions) -> None:
     model = make_model("tshsr", **FLAGS).train()
-    images = model.encode_image_features(*model.image_features(regions[:4]))
-    texts = model.encode_text_features(*model.text_features(captions[:4]))
-    out = matching_loss(model, images, texts, torch.eye(4, dtype=torch.bool),
-                        LossSettings(hard_negatives=-1, random_negatives=0), hardest=False)
+    settings = LossSettings(hard_negatives=-1, random_negatives=0)
+    out = matching_loss(model, *train_batch(model, regions, captions), settings, hardest=False)
     out.loss.backward()
     for s in _steps(model):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (s.query.weight, s.key.weight,
