@@ -13,10 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import (  # noqa: F401  (l2norm, masked_softmax, context_units: also read from here)
-    GraphReasoningStep, attended_cosine_grid, context_units, cross_attention, cross_attention_grid,
-    l2norm, masked_softmax, mean_alignment, relu, unit_alignment)
-
+from .attention import (GraphReasoningStep, attended_cosine_grid, context_units, cross_attention,
+                        cross_attention_grid, l2norm, masked_softmax, mean_alignment, relu, unit_alignment)
 
 
 class SimilarityNodes(nn.Module):
