@@ -4,10 +4,12 @@ at any moment leaves a complete checkpoint that ``--resume`` finds."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +83,52 @@ def load_checkpoint(directory: Path, model: TSHSRModel, optimizer) -> dict:
 
 def _to_tuple(value):
     return tuple(_to_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+LOCK_NAME = "train.lock"
+
+
+def claim_output_dir(out: Path) -> Path:
+    """Take OUT/train.lock for this process (it holds the PID) until the process exits: two trainers
+    writing to one folder interleave their checkpoints and logs, and each resumes from the other's
+    snapshots. A lock whose process no longer runs (a killed run) is taken over."""
+    lock = Path(out) / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = _lock_pid(lock)
+            if pid is None:  # just created by another process and not written yet, or empty: look again
+                time.sleep(0.2)
+                pid = _lock_pid(lock)
+            if pid is not None and pid != os.getpid() and _running(pid):
+                raise SystemExit(f"{out} is being written by another training process (pid {pid}); stop it or "
+                                 f"choose another --output-dir (if no training runs there, delete {lock})")
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(_release, lock, os.getpid())
+        return lock
+
+
+def _lock_pid(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().strip())
+    except (OSError, ValueError):  # vanished, empty or unreadable
+        return None
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _release(lock: Path, pid: int) -> None:
+    if _lock_pid(lock) == pid:
+        lock.unlink(missing_ok=True)

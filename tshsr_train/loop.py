@@ -35,7 +35,7 @@ from tshsr.model import TSHSRModel
 from tshsr.processing import Vocabulary
 
 from .args import TrainArgs
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import claim_output_dir, find_checkpoint, load_checkpoint, save_checkpoint
 from .model_config import build_config, resumed_config
 from .distributed import GlobalBatchLoss, dist_info, setup_distributed
 
@@ -280,6 +280,7 @@ def _start(args: TrainArgs) -> _Run:
     out = Path(args.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        claim_output_dir(out)
     checkpoint = find_checkpoint(out) if args.resume else None
     if not args.resume and find_checkpoint(out) is not None:
         raise SystemExit(f"{out} already holds a training run; pass --resume to continue it or choose "
