@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .encoding import head_inputs
-from .heads import HierarchicalReasoning
+from .heads import HierarchicalReasoning, StreamHead
 from .metrics import retrieval_metrics
 
 PAIR_CHUNK = 4096
@@ -63,18 +63,32 @@ def rankers(contributions: dict[str, torch.Tensor], level_scores: dict[str, torc
 
 
 @contextmanager
-def context_cut(model) -> Iterator[bool]:
+def _switched_on(modules: list, name: str) -> Iterator[bool]:
+    """Within the block, the boolean attribute ``name`` of every module is True; yields whether
+    there are any. Restored to False on exit, also after an error."""
+    for m in modules:
+        setattr(m, name, True)
+    try:
+        yield bool(modules)
+    finally:
+        for m in modules:
+            setattr(m, name, False)
+
+
+def context_cut(model):
     """Within the block, every stream's reasoning runs with the context level cut out of its graph
     (``HierarchicalReasoning.cut_context``); yields whether the model has such a level at all.
     The switch is restored on exit, also after an error."""
-    graphs = [m for m in model.modules() if isinstance(m, HierarchicalReasoning) and m.with_context]
-    for g in graphs:
-        g.cut_context = True
-    try:
-        yield bool(graphs)
-    finally:
-        for g in graphs:
-            g.cut_context = False
+    return _switched_on([m for m in model.modules() if isinstance(m, HierarchicalReasoning) and m.with_context],
+                        "cut_context")
+
+
+def context_twin(model):
+    """Within the block, every stream with a context level reasons each pair twice on the same
+    nodes, the second copy with the context path cut (``StreamHead.twin_cut``): pair outputs are
+    [2P], full then cut (training: ``tshsr.loss.scores_with_context_cut``). Restored on exit."""
+    return _switched_on([m for m in model.modules() if isinstance(m, StreamHead) and "context" in m.levels],
+                        "twin_cut")
 
 
 def knockout_metrics(model, images, texts, caption_image, rerank_k: int | None = None,

@@ -116,8 +116,10 @@ class HierarchicalReasoning(nn.Module):
         gate_b = torch.cat([self.local_gate.bias, self.down_gate.bias])
         mask = local_mask.unsqueeze(-1).to(local.dtype)
         keep = None if cut is None or not self.with_context else (~cut).to(local.dtype)
-        cut = self.with_context and self.cut_context
+        cut_all = self.with_context and self.cut_context
         if self.with_context:  # step-invariant parts of the edges
+            if self.context_relations is not None:  # every context node relates to every other
+                every = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
             log_membership = torch.log(membership + eps)
             share_t = (membership / membership.sum(1, keepdim=True).clamp(min=eps)).transpose(1, 2)  # over parents
         for _ in range(self.steps):
@@ -128,14 +130,13 @@ class HierarchicalReasoning(nn.Module):
                 edge = masked_softmax(log_membership + local_logit.unsqueeze(1), local_mask.unsqueeze(1), dim=2)
                 context = l2norm(context + relu(self.up_context(torch.bmm(edge, local))), fresh=True)
                 if self.context_relations is not None:
-                    every = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
                     context = l2norm(context + self.context_relations(context, every), fresh=True)
                 up_edge = torch.softmax(self.context_gate(context).squeeze(-1), dim=1)
                 gathered = torch.bmm(up_edge.unsqueeze(1), context).squeeze(1)
             else:
                 up_edge = masked_softmax(local_logit, local_mask, dim=1)
                 gathered = torch.bmm(up_edge.unsqueeze(1), local).squeeze(1)
-            update = torch.zeros_like(global_node) if cut else self._gated(relu(self.up_global(gathered)), keep)
+            update = torch.zeros_like(global_node) if cut_all else self._gated(relu(self.up_global(gathered)), keep)
             if self.skip:
                 local_edge = masked_softmax(local_logit, local_mask, dim=1)
                 update = update + relu(self.skip_up(torch.bmm(local_edge.unsqueeze(1), local).squeeze(1)))
@@ -145,7 +146,7 @@ class HierarchicalReasoning(nn.Module):
                 g = global_node.unsqueeze(1).expand_as(context)
                 context = l2norm(context + relu(self.down_context(torch.cat([context, g], -1))), fresh=True)
                 message = relu(self.down_local(torch.cat([context, g], -1)))  # [P, C, m]
-                received = torch.zeros_like(local) if cut else self._gated(torch.bmm(share_t, message), keep)  # [P, n, m]
+                received = torch.zeros_like(local) if cut_all else self._gated(torch.bmm(share_t, message), keep)  # [P, n, m]
                 if self.skip:
                     received = received + relu(self.skip_down(global_node)).unsqueeze(1)
             else:

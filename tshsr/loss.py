@@ -11,8 +11,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .analysis import context_twin
 from .encoding import head_inputs
-from .heads import StreamHead
 from .losses import contrastive_loss, hinge_loss, mine_candidates
 
 
@@ -105,16 +105,10 @@ def scores_with_context_cut(model, images, texts, pi: torch.Tensor, pt: torch.Te
     """(the output of ``model.score_pairs`` on the pairs (pi[p], pt[p]), their full scores with the
     context level cut from every stream's reasoning), both with gradient: the context path's
     contribution to a pair is its full score minus the cut one. The similarity nodes are built
-    once and reasoned twice (``StreamHead.twin_cut``); the same values as scoring the pairs again
+    once and reasoned twice (``tshsr.analysis.context_twin``); the same values as scoring the pairs again
     under ``tshsr.analysis.context_cut``, at the cost of the reasoning only."""
-    streams = [m for m in model.modules() if isinstance(m, StreamHead) and "context" in m.levels]
-    for stream in streams:
-        stream.twin_cut = True
-    try:
+    with context_twin(model):
         out = model.score_pairs(images, texts, pi, pt)
-    finally:
-        for stream in streams:
-            stream.twin_cut = False
     n = len(pi)
 
     def first(values: dict) -> dict:
