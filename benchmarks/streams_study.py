@@ -42,6 +42,7 @@ WINDOWS = ["--context-pooling", "windows", "--context-units", "9", "4"]
 SCORELESS_CONTEXT = ["--level-fusion", "fixed", "--level-weights", "1", "0", "1"]  # feeds the reasoning only
 UNIT_DROPOUT = ["--unit-dropout", "0.2"]  # feature-level augmentation: a fifth of the regions and words hidden
 PATH_DROPOUT = ["--context-path-dropout", "0.5"]  # half the steps run with the context level cut from the reasoning
+STAGE = ["--image-context-stage", "3"]  # the image context units read EfficientNet's stride-16 stage
 TEXT_TOP = ["--text-finetune-layers", "1"]  # MiniLM's last layer trains (at 0.1x the rate) on cached layer-5 states
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "fixed-aux": ("fixed equal stream and level weights + a hinge on each of the six parts (weight 0.5)",
@@ -161,6 +162,17 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                                                     "cannot (the gate showed the means add nothing)",
                                                     [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, "--context-relations",
                                                      *TEXT_TOP]),
+    "detach-skip-separate-windows-ctx0-stage3-text1": ("v8 + --image-context-stage 3: the image context units pool "
+                                                       "EfficientNet's stride-16 stage (112 channels, pooled onto "
+                                                       "the 7x7 grid, projected on their own) instead of the local "
+                                                       "level's region vectors, so the context level reads features "
+                                                       "the local level does not have",
+                                                       [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, *STAGE, *TEXT_TOP]),
+    "detach-skip-separate-windows-stage3-text1": ("the stage-3 context units with a score share of their own "
+                                                  "(level weights equal, as before v7): with features of its own "
+                                                  "the context level's alignment may rank differently from the "
+                                                  "local level's instead of diluting it",
+                                                  [*SEPARATE, *WINDOWS, *STAGE, *TEXT_TOP]),
     "flat-separate-text1": ("flat with two towers + --text-finetune-layers 1: the comparison for "
                             "detach-skip-separate-windows-ctx0-text1",
                             ["--preset", "flat", *ALIGN_NCE, "--separate-streams", *TEXT_TOP]),

@@ -75,6 +75,11 @@ class TSHSRConfig:
     image_mean: tuple[float, ...] | None = None
     image_std: tuple[float, ...] | None = None
     finetune_image: bool = False
+    # The context level reads its own image features: this earlier stage of the timm backbone (an
+    # index into its feature_info, e.g. 3 = stride 16 on EfficientNet), pooled onto the last grid
+    # and projected on its own, instead of window means of the local level's region vectors.
+    image_context_stage: int | None = None
+    image_context_dim: int | None = None  # filled in from the backbone: that stage's channels
 
     # --- text side -------------------------------------------------------------------------
     text_encoder: str = "transformers"  # "transformers" (any encoder) or "bigru"
@@ -151,6 +156,10 @@ class TSHSRConfig:
             bad("context_skip links local and global beside the context level; it needs the context level")
         if self.context_gate and not self.context_skip:
             bad("context_gate starts the context path closed; it needs context_skip (the direct local-global edges)")
+        if self.image_context_stage is not None:
+            if self.image_encoder != "timm" or "context" not in self.levels or self.image_context_stage < 0:
+                bad("image_context_stage feeds an earlier stage of a timm backbone (an index >= 0) to the context "
+                    "level; it needs image_encoder='timm' and the context level")
         if self.context_relations and "context" not in self.levels:
             bad("context_relations links the context nodes with each other; it needs the context level")
         if self.separate_streams and set(self.streams) != set(STREAMS):
@@ -214,6 +223,9 @@ class TSHSRConfig:
             del data["context_pooling"]
         if data["level_weights"] is None:
             del data["level_weights"]
+        for name in ("image_context_stage", "image_context_dim"):
+            if data[name] is None:
+                del data[name]
         if not data["text_finetune_layers"]:
             del data["text_finetune_layers"]
         return data

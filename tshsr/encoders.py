@@ -144,24 +144,51 @@ def resolve_text_model(name: str) -> str:
 # Image backbones: pixels [B, 3, H, W] -> region features [B, K, F] and mask [B, K]
 # ----------------------------------------------------------------------------------------------
 class TimmImageBackbone(nn.Module):
-    """Any timm backbone; the last feature map, flattened row-major, gives K = H' x W' regions."""
+    """Any timm backbone; the last feature map, flattened row-major, gives K = H' x W' regions.
 
-    def __init__(self, name: str, weights: str | None = None, pretrained: bool = True):
+    With ``context_stage`` (an index into the backbone's ``feature_info``), each region also
+    carries that earlier stage's features, average-pooled onto the last map's grid and appended
+    to the region vector ([B, K, F + F_stage]): mid-level features the last stage has turned
+    into object features, for the context level to read (``TSHSRConfig.image_context_stage``)."""
+
+    def __init__(self, name: str, weights: str | None = None, pretrained: bool = True,
+                 context_stage: int | None = None):
         super().__init__()
         model = load_timm_backbone(name, weights=weights, pretrained=pretrained)
         model.reset_classifier(0)
         self.model = model
         self.feature_dim = int(model.num_features)
         self.data_config = _timm_data_config(model)
+        # (the stage's module name, not the module: an attribute would register its weights twice)
+        self.context_stage, self.context_dim, self._stage_name = context_stage, 0, None
+        if context_stage is not None:
+            stages = list(getattr(model, "feature_info", None) or [])
+            if not 0 <= context_stage < len(stages):
+                raise ValueError(f"image_context_stage={context_stage}: {name} has {len(stages)} feature stages "
+                                 f"(0 to {len(stages) - 1})")
+            self.context_dim = int(stages[context_stage]["num_chs"])
+            self._stage_name = stages[context_stage]["module"]
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.model.forward_features(pixel_values)
+        captured, hook = [], None
+        if self._stage_name is not None:
+            hook = self.model.get_submodule(self._stage_name).register_forward_hook(
+                lambda module, args, output: captured.append(output))
+        try:
+            fmap = self.model.forward_features(pixel_values)
+        finally:
+            if hook is not None:
+                hook.remove()
         if fmap.dim() == 4:  # CNN: [B, C, H, W]
+            if captured:
+                stage = nn.functional.adaptive_avg_pool2d(captured[0], fmap.shape[-2:])
+                fmap = torch.cat([fmap, stage.to(fmap.dtype)], 1)
             regions = fmap.flatten(2).transpose(1, 2)
-        elif fmap.dim() == 3:  # ViT-like: [B, N, C] (prefix tokens kept as regions)
+        elif fmap.dim() == 3 and not captured:  # ViT-like: [B, N, C] (prefix tokens kept as regions)
             regions = fmap
         else:
-            raise ValueError(f"Unsupported feature map shape {tuple(fmap.shape)} from timm backbone")
+            raise ValueError(f"Unsupported feature map shape {tuple(fmap.shape)} from timm backbone"
+                             + (" (image_context_stage needs a CNN feature map)" if captured else ""))
         mask = torch.ones(regions.shape[:2], dtype=torch.bool, device=regions.device)
         return regions, mask
 
@@ -321,9 +348,12 @@ def build_backbones(config, vocabulary=None, pretrained: bool = True) -> tuple[n
     """The image and text backbones a config names; fills in the config's derived fields (feature
     sizes, the image backbone's input size, mean and std)."""
     if config.image_encoder == "timm":
-        image = TimmImageBackbone(config.image_backbone, config.image_weights, pretrained=pretrained)
+        image = TimmImageBackbone(config.image_backbone, config.image_weights, pretrained=pretrained,
+                                  context_stage=config.image_context_stage)
         data = image.data_config
         config.image_feature_dim = image.feature_dim
+        if config.image_context_stage is not None:
+            config.image_context_dim = image.context_dim
         config.image_size = config.image_size or data["image_size"]
         config.image_mean = config.image_mean or data["mean"]
         config.image_std = config.image_std or data["std"]

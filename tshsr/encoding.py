@@ -27,6 +27,8 @@ class Encoding:
     much each unit belongs to each of the C learned context units; rows sum to one). The context
     units themselves, :attr:`context`, are derived from these on use instead of stored: they are
     cheap to recompute per block and would add C x D floats per item (0.5 GB for a COCO 5K split).
+    ``context_source`` [N, n, D] (images of a model with ``image_context_stage``): the unit vectors
+    the context units pool instead of ``units``, projected from an earlier backbone stage.
     """
 
     units: torch.Tensor
@@ -34,11 +36,14 @@ class Encoding:
     pooled: torch.Tensor
     embedding: torch.Tensor
     membership: torch.Tensor | None = None
+    context_source: torch.Tensor | None = None
 
     @property
     def context(self) -> torch.Tensor | None:
         """[N, C, D] context units: l2norm(membership @ units), or None without a context level."""
-        return None if self.membership is None else context_units(self.units, self.membership)
+        if self.membership is None:
+            return None
+        return context_units(self.units if self.context_source is None else self.context_source, self.membership)
 
     def __len__(self) -> int:
         return int(self.units.shape[0])
@@ -96,7 +101,7 @@ class Encoding:
                 out[f.name] = None
                 continue
             shape = [total, *value.shape[1:]]
-            if f.name in ("units", "mask"):
+            if f.name in ("units", "mask", "context_source"):
                 shape[1] = width
             elif f.name == "membership":
                 shape[2] = width
@@ -108,7 +113,7 @@ class Encoding:
                 if target is None:
                     continue
                 value, rows = getattr(part, name), slice(row, row + n)
-                if name in ("units", "mask"):
+                if name in ("units", "mask", "context_source"):
                     target[rows, :value.shape[1]] = value
                     target[rows, value.shape[1]:] = 0  # padding: zero vectors, False mask
                 elif name == "membership":
@@ -137,7 +142,7 @@ class TextEncoding(Encoding):
 def _with_context(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors the heads read: the stored fields plus the derived context units."""
     if "membership" in values:
-        values["context"] = context_units(values["units"], values["membership"])
+        values["context"] = context_units(values.get("context_source", values["units"]), values["membership"])
     return values
 
 
@@ -212,12 +217,17 @@ class SideTowers(nn.Module):
 
     def __init__(self, image_dim: int, text_dim: int, embed_dim: int):
         super().__init__()
-        self.image_proj, self.text_proj = nn.Linear(image_dim, embed_dim), nn.Linear(text_dim, embed_dim)
-        self.image_pool, self.text_pool = nn.Linear(embed_dim, 1), nn.Linear(embed_dim, 1)
-        for pool in (self.image_pool, self.text_pool):  # start as mean pooling
+        self.build(self, image_dim, text_dim, embed_dim)
+
+    @staticmethod
+    def build(module: nn.Module, image_dim: int, text_dim: int, embed_dim: int) -> None:
+        """Give ``module`` the layers of one set of towers (the model's own set, under its own names)."""
+        module.image_proj, module.text_proj = nn.Linear(image_dim, embed_dim), nn.Linear(text_dim, embed_dim)
+        module.image_pool, module.text_pool = nn.Linear(embed_dim, 1), nn.Linear(embed_dim, 1)
+        for pool in (module.image_pool, module.text_pool):  # start as mean pooling
             nn.init.zeros_(pool.weight)
             nn.init.zeros_(pool.bias)
-        self.image_embed, self.text_embed = nn.Linear(image_dim, embed_dim), nn.Linear(text_dim, embed_dim)
+        module.image_embed, module.text_embed = nn.Linear(image_dim, embed_dim), nn.Linear(text_dim, embed_dim)
 
 
 def context_pooling(model, side: str):
@@ -239,18 +249,29 @@ def encode_features(model, side: str, feats: torch.Tensor, mask: torch.Tensor) -
     cls = ImageEncoding if side == "image" else TextEncoding
     queries = context_pooling(model, side)
     detach = model._detach_context_units
+    stage = None
+    if side == "image" and model.config.image_context_stage is not None:  # [regions | earlier stage]
+        width = model.config.image_feature_dim
+        if feats.shape[-1] != width + model.config.image_context_dim:
+            raise ValueError(f"Image features of {feats.shape[-1]} values per region; this model reads "
+                             f"{width} + {model.config.image_context_dim} (its image_context_stage)")
+        feats, stage = feats[..., :width], feats[..., width:]
 
     def encode(tower, context_queries):
         return encode_side(feats.float(), mask, getattr(tower, f"{side}_proj"), getattr(tower, f"{side}_pool"),
                            getattr(tower, f"{side}_embed"), context_queries, cls, detach_context=detach)
 
     if not model.config.separate_streams:
-        return encode(model, queries)
-    if side == "image":
+        out = encode(model, queries)
+    elif side == "image":
         first = encode(model, queries)
-        return join_towers(first, encode(model.t2i_towers, None), first.membership)
-    second = encode(model.t2i_towers, queries)
-    return join_towers(encode(model, None), second, second.membership)
+        out = join_towers(first, encode(model.t2i_towers, None), first.membership)
+    else:
+        second = encode(model.t2i_towers, queries)
+        out = join_towers(encode(model, None), second, second.membership)
+    if stage is not None:
+        out.context_source = l2norm(model.image_context_proj(stage.float())) * out.mask.unsqueeze(-1)
+    return out
 
 
 def join_towers(first: Encoding, second: Encoding, membership: torch.Tensor | None) -> Encoding:
@@ -272,5 +293,5 @@ def stream_view(values: dict[str, torch.Tensor], tower: int) -> dict[str, torch.
     out = {**values, "units": values["units"][..., half], "pooled": values["pooled"][..., half],
            "embedding": values["embedding"][..., half] * math.sqrt(2)}
     if "membership" in values:
-        out["context"] = context_units(out["units"], values["membership"])
+        out["context"] = context_units(values.get("context_source", out["units"]), values["membership"])
     return out

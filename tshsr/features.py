@@ -51,6 +51,8 @@ def backbone_key(config) -> dict:
     }
     if config.text_finetune_layers:  # hidden states below the trained top layers
         key["text_layers_left_out"] = config.text_finetune_layers
+    if config.image_context_stage is not None:  # regions carry an earlier stage's features too
+        key["image_context_stage"] = config.image_context_stage
     return key
 
 
@@ -131,7 +133,7 @@ def cache_features(model, images, captions, image_ids, caption_image, cache_dir:
     else:
         regions = np.asarray(images[0]).shape[0]
     sides = (
-        ("images", (n_images, regions, config.image_feature_dim), image_batch_size,
+        ("images", (n_images, regions, config.image_feature_dim + (config.image_context_dim or 0)), image_batch_size,
          lambda a, b: model.image_features(images[a:b]), "img", np.bool_),
         ("texts", (n_texts, config.max_text_length, config.text_feature_dim), text_batch_size,
          lambda a, b: cacheable_text_features(model, list(captions[a:b])), "cap",

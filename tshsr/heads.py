@@ -229,7 +229,9 @@ class StreamHead(nn.Module):
         ``detach_context_units``, q's context units are rebuilt from detached unit vectors and the
         keys are detached: same values, no gradient from the context level into any unit vector."""
         if self.detach_context_units and torch.is_grad_enabled() and q.get("membership") is not None:
-            return {**q, "context": context_units(q["units"].detach(), q["membership"])}, k["units"].detach()
+            # (context units of their own, image_context_stage, are no unit vectors: they keep their gradient)
+            source = q["context_source"] if "context_source" in q else q["units"].detach()
+            return {**q, "context": context_units(source, q["membership"])}, k["units"].detach()
         return q, k["units"]
 
     def level_weights(self) -> torch.Tensor:

@@ -67,19 +67,13 @@ class TSHSRModel(
         # ---- per-side trainable layers ----
         D = config.embed_dim
         Fi, Ft = config.image_feature_dim, config.text_feature_dim
-        self.image_proj = nn.Linear(Fi, D)
-        self.text_proj = nn.Linear(Ft, D)
-        self.image_pool = nn.Linear(D, 1)
-        self.text_pool = nn.Linear(D, 1)
-        for pool in (self.image_pool, self.text_pool):  # start as mean pooling
-            nn.init.zeros_(pool.weight)
-            nn.init.zeros_(pool.bias)
-        self.image_embed = nn.Linear(Fi, D)
-        self.text_embed = nn.Linear(Ft, D)
+        SideTowers.build(self, Fi, Ft, D)  # image_proj, text_proj, image_pool, ...: the i2t stream's
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
         self.head_kind = get_head(config.head)
         self.has_context = self.head_kind.has_context(config)
         self._detach_context_units = False  # training only: see HeadKind.set_context_detach
+        if config.image_context_stage is not None:  # the context level's own image units (an earlier stage)
+            self.image_context_proj = nn.Linear(config.image_context_dim, D)
         if config.separate_streams:  # the t2i stream's own towers (the attributes above are i2t's)
             self.t2i_towers = SideTowers(Fi, Ft, D)
         if self.has_context and config.context_pooling == "learned":
