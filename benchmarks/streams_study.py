@@ -166,12 +166,21 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                                                        "EfficientNet's stride-16 stage (112 channels, pooled onto "
                                                        "the 7x7 grid, projected on their own) instead of the local "
                                                        "level's region vectors, so the context level reads features "
-                                                       "the local level does not have",
+                                                       "the local level does not have (seed 0 trained with the "
+                                                       "projection built before the t2i towers and the head: "
+                                                       "their initial weights were not v8's at the same seed)",
                                                        [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, *STAGE, *TEXT_TOP]),
+    "detach-skip-separate-windows-ctx0-stage3-paired-text1": ("the stage-3 recipe again, with the projection built "
+                                                              "after every other layer: the towers and the head start "
+                                                              "from v8's weights at the same seed, so a run is paired "
+                                                              "with v8's and flat's",
+                                                              [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, *STAGE,
+                                                               *TEXT_TOP]),
     "detach-skip-separate-windows-stage3-text1": ("the stage-3 context units with a score share of their own "
                                                   "(level weights equal, as before v7): with features of its own "
                                                   "the context level's alignment may rank differently from the "
-                                                  "local level's instead of diluting it",
+                                                  "local level's instead of diluting it (seed 0 not paired with "
+                                                  "v8's initial weights, as the first stage-3 recipe)",
                                                   [*SEPARATE, *WINDOWS, *STAGE, *TEXT_TOP]),
     "flat-separate-text1": ("flat with two towers + --text-finetune-layers 1: the comparison for "
                             "detach-skip-separate-windows-ctx0-text1",

@@ -125,3 +125,13 @@ def test_the_training_flag_builds_the_config() -> None:
                        "--context-units", "9", "4"])
     assert build_config(args, None).image_context_stage == 3
     assert build_config(parse_args(["--preset", "tshsr"]), None).image_context_stage is None
+
+
+def test_every_other_layer_starts_as_without_the_stage(staged, vocab) -> None:
+    """The projection is built last: a run with the stage is paired with the run without it at the
+    same seed (the same initial towers and head), so a difference between them is the lever's."""
+    plain = _model(vocab, stage=None).state_dict()
+    extra = {k for k in staged.state_dict() if k not in plain}
+    assert extra == {"image_context_proj.weight", "image_context_proj.bias"}
+    for name, value in plain.items():
+        torch.testing.assert_close(staged.state_dict()[name], value, msg=name)

@@ -72,8 +72,6 @@ class TSHSRModel(
         self.head_kind = get_head(config.head)
         self.has_context = self.head_kind.has_context(config)
         self._detach_context_units = False  # training only: see HeadKind.set_context_detach
-        if config.image_context_stage is not None:  # the context level's own image units (an earlier stage)
-            self.image_context_proj = nn.Linear(config.image_context_dim, D)
         if config.separate_streams:  # the t2i stream's own towers (the attributes above are i2t's)
             self.t2i_towers = SideTowers(Fi, Ft, D)
         if self.has_context and config.context_pooling == "learned":
@@ -81,6 +79,9 @@ class TSHSRModel(
             self.text_context_queries = nn.Parameter(torch.randn(config.context_units_text, D) / math.sqrt(D))
 
         self.head_kind.build(self, config)  # the similarity head's modules, under their checkpoint names
+        if config.image_context_stage is not None:  # the context level's own image units (an earlier stage);
+            # built last, so that every other layer starts from the same weights as without it (same seed)
+            self.image_context_proj = nn.Linear(config.image_context_dim, D)
         self.engine = ScoringEngine(self)
         self.card_results = None  # model-index results of the card this model was loaded with
         if pretrained_backbones:
