@@ -287,11 +287,9 @@ def join_towers(first: Encoding, second: Encoding, membership: torch.Tensor | No
 
 def stream_view(values: dict[str, torch.Tensor], tower: int) -> dict[str, torch.Tensor]:
     """One tower's half (0: i2t, 1: t2i) of the head inputs of a joined encoding: units, pooled
-    vector, unit embedding and the context units rebuilt from that half's units."""
+    vector, unit embedding and the context units rebuilt from that half's units (or the context source)."""
     width = values["units"].shape[-1] // 2
     half = slice(tower * width, (tower + 1) * width)
     out = {**values, "units": values["units"][..., half], "pooled": values["pooled"][..., half],
            "embedding": values["embedding"][..., half] * math.sqrt(2)}
-    if "membership" in values:
-        out["context"] = context_units(values.get("context_source", out["units"]), values["membership"])
-    return out
+    return _with_context(out)
