@@ -43,6 +43,7 @@ SCORELESS_CONTEXT = ["--level-fusion", "fixed", "--level-weights", "1", "0", "1"
 UNIT_DROPOUT = ["--unit-dropout", "0.2"]  # feature-level augmentation: a fifth of the regions and words hidden
 PATH_DROPOUT = ["--context-path-dropout", "0.5"]  # half the steps run with the context level cut from the reasoning
 STAGE = ["--image-context-stage", "3"]  # the image context units read EfficientNet's stride-16 stage
+VIEWS = ["--augment-views", "2"]  # each step shows each photo as itself, mirrored or cropped (cached views)
 TEXT_TOP = ["--text-finetune-layers", "1"]  # MiniLM's last layer trains (at 0.1x the rate) on cached layer-5 states
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "fixed-aux": ("fixed equal stream and level weights + a hinge on each of the six parts (weight 0.5)",
@@ -182,6 +183,16 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                                                   "local level's instead of diluting it (seed 0 not paired with "
                                                   "v8's initial weights, as the first stage-3 recipe)",
                                                   [*SEPARATE, *WINDOWS, *STAGE, *TEXT_TOP]),
+    "detach-skip-separate-windows-ctx0-views2-text1": ("v8 + --augment-views 2: every step shows each training "
+                                                       "photo as itself, mirrored (never when a caption says left "
+                                                       "or right) or as a fixed crop of 50-100 % of its area, "
+                                                       "each a cached pass of the frozen backbone: real data "
+                                                       "augmentation, where --unit-dropout only hid cached units. "
+                                                       "tshsr's head is larger than flat's, so it may gain more",
+                                                       [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, *VIEWS, *TEXT_TOP]),
+    "flat-separate-views2-text1": ("flat with two towers + --augment-views 2 + --text-finetune-layers 1: the "
+                                   "comparison for detach-skip-separate-windows-ctx0-views2-text1",
+                                   ["--preset", "flat", *ALIGN_NCE, "--separate-streams", *VIEWS, *TEXT_TOP]),
     "flat-separate-text1": ("flat with two towers + --text-finetune-layers 1: the comparison for "
                             "detach-skip-separate-windows-ctx0-text1",
                             ["--preset", "flat", *ALIGN_NCE, "--separate-streams", *TEXT_TOP]),

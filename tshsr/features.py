@@ -111,19 +111,42 @@ def cache_features(model, images, captions, image_ids, caption_image, cache_dir:
     (for a precomputed-features model, an array [N, K, F] that is cached as is)."""
     config = model.config
     key_data = {"backbone": backbone_key(config), "data": content_key(image_ids, captions, caption_image)}
+    directory, state = _entry(cache_dir, key_data)
+    if state.get("complete"):
+        return _open(directory)
+    n_images, n_texts = len(image_ids), len(captions)
+    model_was_training = model.training
+    model.eval()
+    sides = (
+        ("images", _image_shape(model, images, n_images), image_batch_size,
+         lambda a, b: model.image_features(images[a:b]), "img", np.bool_),
+        ("texts", (n_texts, config.max_text_length, config.text_feature_dim), text_batch_size,
+         lambda a, b: cacheable_text_features(model, list(captions[a:b])), "cap",
+         np.int8 if config.text_finetune_layers else np.bool_),  # token kinds below a trained top
+    )
+    for name, shape, batch_size, compute, unit, mask_dtype in sides:
+        _fill(directory, state, name, shape, batch_size, compute, unit, mask_dtype, progress)
+    state["complete"] = True
+    _write_json(directory / "progress.json", state)
+    model.train(model_was_training)
+    return _open(directory)
+
+
+def _entry(cache_dir, key_data: dict) -> tuple[Path, dict]:
+    """The folder of the cache entry ``key_data`` names, and its progress so far."""
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
     directory = Path(cache_dir) / key
     directory.mkdir(parents=True, exist_ok=True)
     state_path = directory / "progress.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    n_images, n_texts = len(image_ids), len(captions)
-    if state.get("complete"):
-        return _open(directory)
-    (directory / "key.json").write_text(json.dumps(key_data, indent=1, sort_keys=True))
+    if not state.get("complete"):
+        (directory / "key.json").write_text(json.dumps(key_data, indent=1, sort_keys=True))
+    return directory, state
 
-    model_was_training = model.training
-    model.eval()
-    # ---- images ----
+
+def _image_shape(model, images, n_images: int) -> tuple[int, int, int]:
+    """[N, K, F] of the cached image features: the backbone's grid, or the precomputed regions'."""
+    config = model.config
     if config.image_encoder == "timm":
         grid = model.image_grid()
         regions = grid[0] * grid[1] if grid else None
@@ -132,37 +155,31 @@ def cache_features(model, images, captions, image_ids, caption_image, cache_dir:
             regions = probe.shape[1]
     else:
         regions = np.asarray(images[0]).shape[0]
-    sides = (
-        ("images", (n_images, regions, config.image_feature_dim + (config.image_context_dim or 0)), image_batch_size,
-         lambda a, b: model.image_features(images[a:b]), "img", np.bool_),
-        ("texts", (n_texts, config.max_text_length, config.text_feature_dim), text_batch_size,
-         lambda a, b: cacheable_text_features(model, list(captions[a:b])), "cap",
-         np.int8 if config.text_finetune_layers else np.bool_),  # token kinds below a trained top
-    )
-    for name, shape, batch_size, compute, unit, mask_dtype in sides:
-        feats_out = _memmap(directory / f"{name}.npy", shape, FEATURE_DTYPE, state)
-        mask_out = _memmap(directory / f"{name[:-1]}_mask.npy", shape[:2], mask_dtype, state)
-        done = int(state.get(f"{name}_done", 0))
-        bar = tqdm(total=shape[0], initial=done, desc=f"cache {name[:-1]} features", unit=unit,
-                   disable=not progress)
-        while done < shape[0]:
-            stop = min(done + batch_size, shape[0])
-            feats, mask = compute(done, stop)
-            width = feats.shape[1]  # captions come padded to their batch's longest
-            feats_out[done:stop, :width] = feats.cpu().numpy().astype(FEATURE_DTYPE)
-            feats_out[done:stop, width:] = 0
-            mask_out[done:stop, :width] = mask.cpu().numpy()
-            mask_out[done:stop, width:] = False
-            feats_out.flush(), mask_out.flush()
-            done = stop
-            state[f"{name}_done"] = done  # progress is written after the data it counts
-            _write_json(state_path, state)
-            bar.update(stop - bar.n)
-        bar.close()
-    state["complete"] = True
-    _write_json(state_path, state)
-    model.train(model_was_training)
-    return _open(directory)
+    return n_images, regions, config.image_feature_dim + (config.image_context_dim or 0)
+
+
+def _fill(directory: Path, state: dict, name: str, shape, batch_size: int, compute, unit: str, mask_dtype,
+          progress: bool) -> None:
+    """Compute the rows of ``name``.npy (and its mask) that ``state`` does not count as done yet."""
+    state_path = directory / "progress.json"
+    feats_out = _memmap(directory / f"{name}.npy", shape, FEATURE_DTYPE, state)
+    mask_out = _memmap(directory / f"{name[:-1]}_mask.npy", shape[:2], mask_dtype, state)
+    done = int(state.get(f"{name}_done", 0))
+    bar = tqdm(total=shape[0], initial=done, desc=f"cache {name[:-1]} features", unit=unit, disable=not progress)
+    while done < shape[0]:
+        stop = min(done + batch_size, shape[0])
+        feats, mask = compute(done, stop)
+        width = feats.shape[1]  # captions come padded to their batch's longest
+        feats_out[done:stop, :width] = feats.cpu().numpy().astype(FEATURE_DTYPE)
+        feats_out[done:stop, width:] = 0
+        mask_out[done:stop, :width] = mask.cpu().numpy()
+        mask_out[done:stop, width:] = False
+        feats_out.flush(), mask_out.flush()
+        done = stop
+        state[f"{name}_done"] = done  # progress is written after the data it counts
+        _write_json(state_path, state)
+        bar.update(stop - bar.n)
+    bar.close()
 
 
 def _memmap(path: Path, shape, dtype, state) -> np.ndarray:

@@ -35,7 +35,7 @@ RECIPE_FIELDS = ("warmup_epochs", "margin", "grad_clip", "hard_negatives", "rand
                  "image_context_stage",
                  "context_units", "context_pooling", "word_salience", "separate_streams", "alignment_weight", "alignment_joint",
                  "alignment_chunk",
-                 "context_detach", "alignment_levels", "alignment_complement", "unit_dropout", "context_path_dropout",
+                 "context_detach", "alignment_levels", "alignment_complement", "unit_dropout", "augment_views", "context_path_dropout",
                  "context_gain_weight", "contrastive_weight", "finetune_text", "text_finetune_layers", "finetune_image", "text_lr_mult", "image_lr_mult",
                  "fusion_lr_mult")
 
@@ -92,6 +92,7 @@ class TrainArgs:
     alignment_complement: float = 0.0  # InfoNCE on each stream's alignment + the other's (no gradient)
     contrastive_weight: float = 1.0
     unit_dropout: float = 0.0  # training only: each region and word is hidden with this probability
+    augment_views: int = 0  # training only: cached augmented views per image (mirror, then crops)
     context_path_dropout: float = 0.0  # training only: a step runs with the context level cut from the reasoning
     context_gain_weight: float = 0.0  # hinge on the full score minus the score with the context level cut
     finetune_text: bool = False
@@ -162,6 +163,13 @@ def _probability(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _add_optimisation_flags(p: argparse.ArgumentParser, d: TrainArgs) -> None:
     """The optimisation and loss flags (their own function: the parser stays readable)."""
     g = p.add_argument_group("optimisation")
@@ -202,6 +210,11 @@ def _add_optimisation_flags(p: argparse.ArgumentParser, d: TrainArgs) -> None:
                    help="training only: hide each image region and each word from the model with this probability "
                         "(a fresh draw every step; each item keeps at least one): feature-level augmentation "
                         "of the cached features")
+    g.add_argument("--augment-views", type=_count, default=d.augment_views, metavar="N",
+                   help="training only: cache N more views of every training image (1: mirrored left to right; "
+                        "2 and up: crops of 50-100%% of the area) and show each step every image as one of them or "
+                        "as itself, drawn at random; an image whose captions say left or right is never mirrored. "
+                        "Costs one caching pass a view, none a step; needs a frozen timm image backbone")
     g.add_argument("--context-path-dropout", type=_probability, default=d.context_path_dropout,
                    help="training only: with this probability a step runs with the context level cut out of the "
                         "reasoning graph (the global and local nodes do not read it; drawn per step): the other "

@@ -35,6 +35,7 @@ from tshsr.model import TSHSRModel
 from tshsr.processing import Vocabulary
 
 from .args import TrainArgs
+from .batches import BatchSource, drop_units  # noqa: F401  (drop_units: part of this module's API)
 from .checkpoint import claim_output_dir, find_checkpoint, load_checkpoint, save_checkpoint
 from .model_config import build_config, resumed_config
 from .distributed import GlobalBatchLoss, dist_info, setup_distributed
@@ -53,80 +54,6 @@ def _resolve_device(name: str) -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
-
-
-class BatchSource:
-    """Backbone features of a split for training: from the feature cache when the backbone is
-    frozen, computed live (with gradients) when it is fine-tuned."""
-
-    def __init__(self, model: TSHSRModel, split, cache_dir: str, progress: bool):
-        self.model, self.split = model, split
-        cfg = model.config
-        self.live_images = cfg.finetune_image
-        self.live_texts = cfg.finetune_text or cfg.text_encoder == "bigru"
-        self.cached = None
-        self.loader, self._batches = None, None
-        if not (self.live_images and self.live_texts):
-            from tshsr.features import cache_features
-
-            images = split.regions if split.regions is not None else split.images()
-            rank, world = dist_info()
-            # One process writes the cache; the others wait and then open the finished entry.
-            for turn in ([0, 1] if world > 1 else [0]):
-                if (rank == 0) == (turn == 0):
-                    self.cached = cache_features(model, images, split.captions, split.image_ids,
-                                                 split.caption_image, cache_dir, progress=progress and rank == 0)
-                if world > 1:
-                    dist.barrier()
-
-    def use_loader(self, args: TrainArgs) -> None:
-        """Training images of a fine-tuned backbone come from DataLoader workers
-        (:func:`tshsr.pipeline.image_batch_loader`), in the trainer's batch order."""
-        if not self.live_images or self.split.regions is not None:
-            return
-        from tshsr.pipeline import image_batch_loader
-
-        rank, world = dist_info()
-        self.loader = image_batch_loader(self.split, self.model.processor, batch_size=args.batch_size, seed=args.seed,
-                                         num_workers=args.num_workers, rank=rank, world=world)
-
-    def begin_epoch(self, epoch: int, start_step: int) -> None:
-        if self.loader is not None:
-            self.loader.batch_sampler.set_epoch(epoch, start_step=start_step)
-            self._batches = iter(self.loader)
-
-    def images(self, index, device):
-        if self.loader is not None and self._batches is not None:
-            from tshsr.pipeline import normalize_pixels
-
-            batch = next(self._batches)
-            if not torch.equal(batch["index"], torch.as_tensor(np.asarray(index), dtype=torch.long)):
-                raise RuntimeError(f"image loader out of step with the trainer at step {batch['step']}")
-            pixels = normalize_pixels(batch["pixels"].to(self.model.device, non_blocking=True), self.model.config)
-            return self.model.image_backbone(pixels)
-        if self.live_images:
-            if self.split.regions is not None:
-                return self.model.image_features(self.split.regions[np.asarray(index)])
-            return self.model.image_features(self.split.images(list(map(int, index))))
-        return self.cached.image_batch(index, device)
-
-    def texts(self, index, device):
-        if self.live_texts:
-            return self.model.text_features([self.split.captions[int(i)] for i in index])
-        from tshsr.features import text_units_from_cache
-
-        return text_units_from_cache(self.model, *self.cached.text_batch(index, device))
-
-
-def drop_units(mask: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """``mask`` [N, n] with each valid unit hidden with probability ``p`` (``--unit-dropout``);
-    an item that would lose every unit keeps its own mask. Drawn from the step's generator, so a
-    resumed run hides the same units."""
-    valid = mask.bool()
-    kept = valid & (torch.rand(valid.shape, generator=generator) >= p).to(valid.device)
-    empty = ~kept.any(dim=1)
-    kept[empty] = valid[empty]
-    return kept.to(mask.dtype)
 
 
 def compute_loss(model: TSHSRModel, images, image_mask, texts, text_mask, positive, args: TrainArgs,
@@ -315,6 +242,7 @@ def _start(args: TrainArgs) -> _Run:
     progress = args.progress and rank == 0
     train_source = BatchSource(model, train_split, args.cache_dir, progress)
     train_source.use_loader(args)
+    train_source.use_views(args, progress)
     val_source = BatchSource(model, val_split, args.cache_dir, progress) if val_split else None
     if rank == 0:  # data, model and backbone features (cached on a first run): what precedes step 1
         _log(out / "log.jsonl", {"setup_seconds": round(time.time() - started, 1), "time": time.time()})
@@ -363,7 +291,10 @@ def _train_step(r: _Run, order: torch.Tensor, epoch: int):
     cut = args.context_path_dropout > 0 and torch.rand((), generator=gen).item() < args.context_path_dropout
     with torch.autocast(device.type, dtype=r.autocast_dtype, enabled=r.autocast_dtype is not None), \
             (context_cut(model) if cut else contextlib.nullcontext()):
-        regions, region_mask = r.train_source.images(unique.numpy(), device)
+        # A generator of its own: a run with augmented views draws the same negatives as one without.
+        views = (torch.Generator().manual_seed((args.seed + 1) * 1_000_003 + state["global_step"])
+                 if args.augment_views else None)
+        regions, region_mask = r.train_source.images(unique.numpy(), device, views)
         tokens, token_mask = r.train_source.texts(captions.numpy(), device)
         if args.unit_dropout > 0:
             region_mask = drop_units(region_mask, args.unit_dropout, gen)
