@@ -11,7 +11,7 @@ import torch
 from tests.test_train import data, run, train_cmd  # noqa: F401  (the precomp fixture)
 from tshsr.encoding import window_membership
 from tshsr_train.args import parse_args
-from tshsr_train.loop import drop_units
+from tshsr_train.batches import drop_units
 
 
 def test_units_are_hidden_at_the_rate_and_every_item_keeps_one() -> None:

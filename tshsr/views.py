@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .features import _entry, _fill, _image_shape, _write_json, content_key, backbone_key
+from .features import _entry, _fill, _image_shape, _write_json, backbone_key, content_key
 from .processing import load_image
 
 CROP_SCALE = (0.5, 1.0)  # fraction of the photo's area a crop keeps
@@ -124,7 +124,7 @@ class ImageViews:
     def __init__(self, base: np.ndarray, base_mask: np.ndarray, views: dict[str, tuple[np.ndarray, np.ndarray]],
                  mirror_ok: np.ndarray):
         self.sources = [(base, base_mask), *views.values()]
-        self.names = ["original", *views]
+        self.mirror_view = 1 + list(views).index("hflip") if "hflip" in views else -1  # -1: no mirror
         self.mirror_ok = mirror_ok
 
     @classmethod
@@ -139,8 +139,7 @@ class ImageViews:
         """One view per image of ``index`` (0 is the photo as cached), uniformly, never a mirror of
         an image whose captions say left or right."""
         choice = torch.randint(0, len(self.sources), (len(index),), generator=generator).numpy()
-        mirrored = np.array([self.names[c] == "hflip" for c in choice], dtype=bool)
-        choice[mirrored & ~self.mirror_ok[index]] = 0
+        choice[(choice == self.mirror_view) & ~self.mirror_ok[index]] = 0
         return choice
 
     def batch(self, index, generator: torch.Generator, device=None) -> tuple[torch.Tensor, torch.Tensor]:

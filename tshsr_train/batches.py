@@ -13,6 +13,19 @@ from .args import TrainArgs
 from .distributed import dist_info
 
 
+def _rank0_first(build, progress: bool):
+    """``build(show_progress)`` of a cache: rank 0 writes it while the other processes wait, then
+    they open the finished entry (a single process just builds it)."""
+    rank, world = dist_info()
+    result = None
+    for turn in ([0, 1] if world > 1 else [0]):
+        if (rank == 0) == (turn == 0):
+            result = build(progress and rank == 0)
+        if world > 1:
+            dist.barrier()
+    return result
+
+
 class BatchSource:
     """Backbone features of a split for training: from the feature cache when the backbone is
     frozen, computed live (with gradients) when it is fine-tuned."""
@@ -28,14 +41,9 @@ class BatchSource:
             from tshsr.features import cache_features
 
             images = split.regions if split.regions is not None else split.images()
-            rank, world = dist_info()
-            # One process writes the cache; the others wait and then open the finished entry.
-            for turn in ([0, 1] if world > 1 else [0]):
-                if (rank == 0) == (turn == 0):
-                    self.cached = cache_features(model, images, split.captions, split.image_ids,
-                                                 split.caption_image, cache_dir, progress=progress and rank == 0)
-                if world > 1:
-                    dist.barrier()
+            self.cached = _rank0_first(lambda show: cache_features(model, images, split.captions, split.image_ids,
+                                                                   split.caption_image, cache_dir, progress=show),
+                                       progress)
 
     def use_loader(self, args: TrainArgs) -> None:
         """Training images of a fine-tuned backbone come from DataLoader workers
@@ -57,13 +65,8 @@ class BatchSource:
                              "of images (not precomputed region features)")
         from tshsr.views import ImageViews
 
-        rank, world = dist_info()
-        for turn in ([0, 1] if world > 1 else [0]):  # rank 0 writes the entries, the others then open them
-            if (rank == 0) == (turn == 0):
-                self.views = ImageViews.build(self.model, self.split, self.cached, args.augment_views, args.cache_dir,
-                                              progress=progress and rank == 0)
-            if world > 1:
-                dist.barrier()
+        self.views = _rank0_first(lambda show: ImageViews.build(self.model, self.split, self.cached, args.augment_views,
+                                                                args.cache_dir, progress=show), progress)
 
     def begin_epoch(self, epoch: int, start_step: int) -> None:
         if self.loader is not None:

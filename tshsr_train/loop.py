@@ -35,7 +35,7 @@ from tshsr.model import TSHSRModel
 from tshsr.processing import Vocabulary
 
 from .args import TrainArgs
-from .batches import BatchSource, drop_units  # noqa: F401  (drop_units: part of this module's API)
+from .batches import BatchSource, drop_units
 from .checkpoint import claim_output_dir, find_checkpoint, load_checkpoint, save_checkpoint
 from .model_config import build_config, resumed_config
 from .distributed import GlobalBatchLoss, dist_info, setup_distributed
