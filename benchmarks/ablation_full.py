@@ -38,6 +38,9 @@ BUDGET = ["--epochs", "4", "--lr-update", "3", "--batch-size", "128", "--embed-d
 NO_LEVELS = ("dual", "sgr", "saf")  # no levels to fuse or align: the budget alone
 WITH_CONTEXT = ("t2i", "i2t", "tshsr")  # --context-detach and --context-skip need a context level
 # The recipes, newest first. Each maps a preset to the flags it trains with beside BUDGET.
+#   v9: the streams study's "detach-skip-separate-windows-ctx0-views2-text1": v8 + --augment-views 2 (each step
+#       shows each training photo as itself, mirrored or cropped, from cached views) on every preset: the views
+#       lift tshsr and flat alike, so the baselines see the same data.
 #   v8: the streams study's "detach-skip-separate-windows-ctx0-text1": v7 + --text-finetune-layers 1 (the last of
 #       MiniLM's 6 layers trains on cached states of the 5 below) on every preset, the dual encoder, sgr and saf
 #       included: the baselines read the same, better text encoder.
@@ -56,7 +59,9 @@ V5 = {**{p: [*ALIGN_NCE, "--context-detach", "--context-skip"] for p in WITH_CON
 V6 = {**V5, "tshsr": [*V5["tshsr"], "--separate-streams"], "flat": [*ALIGN_NCE, "--separate-streams"]}
 V7 = {**V6, **{p: [*V6[p], *WINDOWS, *SCORELESS_CONTEXT] for p in WITH_CONTEXT}}
 TEXT1 = ["--text-finetune-layers", "1"]
+VIEWS = ["--augment-views", "2"]
 ROUNDS: list[tuple[str, dict[str, list[str]]]] = [
+    ("v9", {p: [*V7.get(p, []), *VIEWS, *TEXT1] for p in PRESETS}),
     ("v8", {p: [*V7.get(p, []), *TEXT1] for p in PRESETS}),
     ("v7", V7),
     ("v6", V6),
@@ -71,7 +76,8 @@ TWO_TOWER_DUAL = ("dual-separate", "dual, two towers",
 CONTROLS = {"v7": TWO_TOWER_DUAL, "v6": TWO_TOWER_DUAL}
 # Flags that name a run folder beside the preset, so that runs of different recipes never share one.
 FOLDER_TAGS = {"--context-detach": "detach", "--context-skip": "skip", "--separate-streams": "separate",
-               "--context-pooling": "windows", "--level-weights": "ctx0", "--text-finetune-layers": "text1"}
+               "--context-pooling": "windows", "--level-weights": "ctx0", "--augment-views": "views2",
+               "--text-finetune-layers": "text1"}
 
 
 def recipe(preset: str, round_: str = ROUNDS[0][0]) -> list[str]:
@@ -232,7 +238,8 @@ def summarize(records: list[dict]) -> str:
              "",
              f"Written by `python benchmarks/ablation_full.py` from benchmarks/results/ablation_full.jsonl. Machine: "
              f"{machine(threads=False)}. Budget `{' '.join(BUDGET)}`, frozen EfficientNet-Lite0 grid + "
-             "all-MiniLM-L6-v2 tokens (from v8 on, MiniLM's last layer trains on cached states of the 5 below); the "
+             "all-MiniLM-L6-v2 tokens (from v8 on, MiniLM's last layer trains on cached states of the 5 below; from v9 "
+             "on, each training photo is also seen mirrored and cropped, 2 cached views); the "
              "best epoch by validation RSUM is kept (protocol: cosine shortlist + rerank top-20 for every model). "
              "Mean ± half the range over seeds. A run that trains with the same flags in two recipes (dual, sgr, saf "
              "from v3 to v7; flat from v6 to v7) is trained once and counted in both tables."]

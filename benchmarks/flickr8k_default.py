@@ -26,8 +26,9 @@ from streams_study import BUDGET, RECIPES, _wall_seconds, validation_by_epoch  #
 
 # The default model trains with the recipe the streams study chose (benchmarks/streams_study.py),
 # at the study's budget; the dual encoder is its baseline at the same budget.
-DEFAULT_RECIPE = "detach-skip-separate-windows-ctx0-text1"
-BASELINE_RECIPE = "dual-text1"  # the dual encoder with the same encoders (the trained text layer included)
+DEFAULT_RECIPE = "detach-skip-separate-windows-ctx0-views2-text1"
+# The dual encoder with the same encoders, views and trained text layer
+BASELINE_RECIPE = "dual-views2-text1"
 COMMON = ["--dataset", "flickr8k", "--split-val", "validation", *BUDGET, "--seed", "0", "--no-progress"]
 RUNS = {
     "tshsr": RECIPES[DEFAULT_RECIPE][1],
@@ -131,6 +132,8 @@ def main() -> int:
         "Frozen EfficientNet-Lite0 (7x7 grid of 1280-d cells) and all-MiniLM-L6-v2 token vectors, features cached "
         + ("once (MiniLM's hidden states below its last layer, which trains); " if "--text-finetune-layers"
            in RUNS["tshsr"] else "once; ")
+        + ("the training photos also mirrored and cropped, each view cached once; " if "--augment-views"
+           in RUNS["tshsr"] else "")
         + f"recipe `{DEFAULT_RECIPE}` ({RECIPES[DEFAULT_RECIPE][0]}), `{' '.join(BUDGET)}`, Adam 2e-4, seed 0; the "
         f"dual encoder trains with `{BASELINE_RECIPE}` ({RECIPES[BASELINE_RECIPE][0]}); the best epoch by validation "
         "RSUM is kept. Recalls in percent.",

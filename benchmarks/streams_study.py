@@ -193,6 +193,9 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "flat-separate-views2-text1": ("flat with two towers + --augment-views 2 + --text-finetune-layers 1: the "
                                    "comparison for detach-skip-separate-windows-ctx0-views2-text1",
                                    ["--preset", "flat", *ALIGN_NCE, "--separate-streams", *VIEWS, *TEXT_TOP]),
+    "dual-views2-text1": ("dual encoder + --augment-views 2 + --text-finetune-layers 1: the baseline of the views2 "
+                          "recipes (the dual encoder sees the same mirrored and cropped photos)",
+                          ["--preset", "dual", *VIEWS, *TEXT_TOP]),
     "flat-separate-text1": ("flat with two towers + --text-finetune-layers 1: the comparison for "
                             "detach-skip-separate-windows-ctx0-text1",
                             ["--preset", "flat", *ALIGN_NCE, "--separate-streams", *TEXT_TOP]),

@@ -10,8 +10,9 @@ features of the 6,000 training and 1,000 validation photos, the 4 epochs, and va
 each. Writes the "train_time" section of docs/RESULTS.md (target: 60 min on 2 CPU cores).
 
 A timing is only meaningful on an otherwise idle machine: the script refuses to start while
-another train.py runs (``--allow-busy`` overrides, and the section then says so), and it always
-starts from scratch (an interrupted timing cannot be resumed into an honest number).
+another train.py runs (one paused with ``kill -STOP`` does not count; ``--allow-busy`` overrides,
+and the section then says so), and it always starts from scratch (an interrupted timing cannot be
+resumed into an honest number).
 """
 
 from __future__ import annotations
@@ -33,10 +34,20 @@ from results_md import git_commit, machine, write_section  # noqa: E402
 TARGET_MIN = 60
 
 
+def _stopped(pid: str) -> bool:
+    """Whether the process is stopped (``kill -STOP``): it holds memory but no core."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
 def other_trainers() -> list[str]:
-    """Command lines of other running train.py processes (they would share the cores)."""
+    """Command lines of other running train.py processes (they would share the cores); stopped ones are left
+    out, so that background runs can be paused with ``kill -STOP`` for a timing."""
     found = subprocess.run(["pgrep", "-af", "train.py"], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in found if str(os.getpid()) != line.split()[0] and "train_time.py" not in line]
+    return [line for line in found if str(os.getpid()) != line.split()[0] and "train_time.py" not in line
+            and not _stopped(line.split()[0])]
 
 
 def main() -> int:
@@ -70,6 +81,15 @@ def main() -> int:
     return 0
 
 
+def _views() -> str:
+    """The augmented views the setup also caches, in words (empty when the recipe has none)."""
+    flags = RUNS["tshsr"]
+    if "--augment-views" not in flags:
+        return ""
+    n = int(flags[flags.index("--augment-views") + 1])
+    return f" (+ {n} augmented views of each of the 6,000 training photos)"
+
+
 def report(timing: dict, model_dir: Path) -> list[str]:
     total, busy = timing["total"], timing["busy"]
     records = [json.loads(x) for x in (model_dir / "log.jsonl").read_text().splitlines()]
@@ -96,7 +116,8 @@ def report(timing: dict, model_dir: Path) -> list[str]:
         "",
         "| phase | seconds | minutes |",
         "|---|---|---|",
-        f"| setup: data, model, caching the backbone features of 7,000 photos and 35,000 captions | {setup:.0f} | "
+        f"| setup: data, model, caching the backbone features of 7,000 photos{_views()} and 35,000 captions | "
+        f"{setup:.0f} | "
         f"{setup / 60:.1f} |",
         f"| training: 4 epochs + validation after each | {total - setup:.0f} | {(total - setup) / 60:.1f} |",
         f"| **total** | **{total:.0f}** | **{total / 60:.1f}** |",
