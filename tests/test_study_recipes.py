@@ -37,3 +37,26 @@ def test_every_ablation_round_builds_each_preset(round_: str, preset: str) -> No
     args = parse_args(["--dataset", "flickr8k", "--data-dir", "d", "--preset", preset, *recipe(preset, round_),
                        *ABLATION_BUDGET])
     assert build_config(args, None).preset_name == preset
+
+
+def test_train_time_counts_a_paused_run_as_idle() -> None:
+    """train_time.py refuses to time while another run shares the cores; one paused with kill -STOP holds none."""
+    import signal
+    import subprocess
+    import time
+
+    from train_time import _stopped
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not _stopped(str(child.pid))
+        child.send_signal(signal.SIGSTOP)
+        for _ in range(50):  # the state changes asynchronously
+            if _stopped(str(child.pid)):
+                break
+            time.sleep(0.02)
+        assert _stopped(str(child.pid))
+    finally:
+        child.kill()
+        child.wait()
+    assert not _stopped("999999999")  # no such process: not paused
