@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from results_md import git_commit, machine, write_section
-from streams_study import ALIGN_NCE, RUNS_STORE, SCORELESS_CONTEXT, WINDOWS, _history, _wall_seconds
+from streams_study import ALIGN_NCE, RUNS_STORE, SCORELESS_CONTEXT, VIEWS, WINDOWS, _history, _wall_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "ablation_full.jsonl"
@@ -59,7 +59,6 @@ V5 = {**{p: [*ALIGN_NCE, "--context-detach", "--context-skip"] for p in WITH_CON
 V6 = {**V5, "tshsr": [*V5["tshsr"], "--separate-streams"], "flat": [*ALIGN_NCE, "--separate-streams"]}
 V7 = {**V6, **{p: [*V6[p], *WINDOWS, *SCORELESS_CONTEXT] for p in WITH_CONTEXT}}
 TEXT1 = ["--text-finetune-layers", "1"]
-VIEWS = ["--augment-views", "2"]
 ROUNDS: list[tuple[str, dict[str, list[str]]]] = [
     ("v9", {p: [*V7.get(p, []), *VIEWS, *TEXT1] for p in PRESETS}),
     ("v8", {p: [*V7.get(p, []), *TEXT1] for p in PRESETS}),
