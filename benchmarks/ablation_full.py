@@ -73,10 +73,12 @@ ROUNDS: list[tuple[str, dict[str, list[str]]]] = [
 TWO_TOWER_DUAL = ("dual-separate", "dual, two towers",
                   "full model > dual encoder with as many towers (`--preset dual --separate-streams`)")
 CONTROLS = {"v7": TWO_TOWER_DUAL, "v6": TWO_TOWER_DUAL}
-# Flags that name a run folder beside the preset, so that runs of different recipes never share one.
+# Flags that name a run folder beside the preset, so that runs of different recipes never share one. A tag with
+# "{}" takes the flag's value ("--augment-views 4" -> "views4"), so a round that only changes a number gets
+# folders of its own too.
 FOLDER_TAGS = {"--context-detach": "detach", "--context-skip": "skip", "--separate-streams": "separate",
-               "--context-pooling": "windows", "--level-weights": "ctx0", "--augment-views": "views2",
-               "--text-finetune-layers": "text1"}
+               "--context-pooling": "windows", "--level-weights": "ctx0", "--augment-views": "views{}",
+               "--text-finetune-layers": "text{}"}
 
 
 def recipe(preset: str, round_: str = ROUNDS[0][0]) -> list[str]:
@@ -85,7 +87,8 @@ def recipe(preset: str, round_: str = ROUNDS[0][0]) -> list[str]:
 
 
 def run_folder(runs: Path, preset: str, seed: int, flags: list[str]) -> Path:
-    tags = "".join(f"-{tag}" for flag, tag in FOLDER_TAGS.items() if flag in flags)
+    tags = "".join(f"-{tag.format(flags[flags.index(flag) + 1] if '{}' in tag else '')}"
+                   for flag, tag in FOLDER_TAGS.items() if flag in flags)
     return runs / f"{preset}{tags}-s{seed}"
 
 

@@ -60,3 +60,14 @@ def test_train_time_counts_a_paused_run_as_idle() -> None:
         child.kill()
         child.wait()
     assert not _stopped("999999999")  # no such process: not paused
+
+
+def test_ablation_run_folders_name_flag_values() -> None:
+    """Runs already on disk keep their folders; a round that only changes a value gets its own."""
+    from ablation_full import recipe, run_folder
+
+    root = Path("runs")
+    assert run_folder(root, "tshsr", 0, recipe("tshsr", "v9")).name == "tshsr-detach-skip-separate-windows-ctx0-views2-text1-s0"
+    assert run_folder(root, "i2t", 1, recipe("i2t", "v9")).name == "i2t-detach-skip-windows-ctx0-views2-text1-s1"
+    assert run_folder(root, "dual", 2, recipe("dual", "v8")).name == "dual-text1-s2"
+    assert run_folder(root, "dual", 0, ["--augment-views", "4"]).name == "dual-views4-s0"
