@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from results_md import git_commit, machine, write_section
-from streams_study import ALIGN_NCE, RUNS_STORE, SCORELESS_CONTEXT, VIEWS, WINDOWS, _history, _wall_seconds
+from streams_study import ALIGN_NCE, RUNS_STORE, SCORELESS_CONTEXT, TEXT_TOP, VIEWS, WINDOWS, _history, _wall_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "ablation_full.jsonl"
@@ -58,10 +58,9 @@ WITH_CONTEXT = ("t2i", "i2t", "tshsr")  # --context-detach and --context-skip ne
 V5 = {**{p: [*ALIGN_NCE, "--context-detach", "--context-skip"] for p in WITH_CONTEXT}, "flat": ALIGN_NCE}
 V6 = {**V5, "tshsr": [*V5["tshsr"], "--separate-streams"], "flat": [*ALIGN_NCE, "--separate-streams"]}
 V7 = {**V6, **{p: [*V6[p], *WINDOWS, *SCORELESS_CONTEXT] for p in WITH_CONTEXT}}
-TEXT1 = ["--text-finetune-layers", "1"]
 ROUNDS: list[tuple[str, dict[str, list[str]]]] = [
-    ("v9", {p: [*V7.get(p, []), *VIEWS, *TEXT1] for p in PRESETS}),
-    ("v8", {p: [*V7.get(p, []), *TEXT1] for p in PRESETS}),
+    ("v9", {p: [*V7.get(p, []), *VIEWS, *TEXT_TOP] for p in PRESETS}),
+    ("v8", {p: [*V7.get(p, []), *TEXT_TOP] for p in PRESETS}),
     ("v7", V7),
     ("v6", V6),
     ("v5", V5),
@@ -72,7 +71,10 @@ ROUNDS: list[tuple[str, dict[str, list[str]]]] = [
 # that is not a preset but that a claim of the round has to be read against.
 TWO_TOWER_DUAL = ("dual-separate", "dual, two towers",
                   "full model > dual encoder with as many towers (`--preset dual --separate-streams`)")
-CONTROLS = {"v7": TWO_TOWER_DUAL, "v6": TWO_TOWER_DUAL}
+CONTROLS = {"v9": ("dual-separate-views2-text1", "dual, two towers + views + the text layer",
+                   "full model > dual encoder with as many towers, the same views and text layer "
+                   "(`--preset dual --separate-streams`)"),
+            "v7": TWO_TOWER_DUAL, "v6": TWO_TOWER_DUAL}
 # Flags that name a run folder beside the preset, so that runs of different recipes never share one. A tag with
 # "{}" takes the flag's value ("--augment-views 4" -> "views4"), so a round that only changes a number gets
 # folders of its own too.

@@ -196,6 +196,10 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "dual-views2-text1": ("dual encoder + --augment-views 2 + --text-finetune-layers 1: the baseline of the views2 "
                           "recipes (the dual encoder sees the same mirrored and cropped photos)",
                           ["--preset", "dual", *VIEWS, *TEXT_TOP]),
+    "dual-separate-views2-text1": ("two dual encoders trained together + --augment-views 2 + "
+                                   "--text-finetune-layers 1: the control of the views2 recipes with as many towers "
+                                   "as tshsr (a 3-seed ensemble of dual-views2-text1 reaches 305.5)",
+                                   ["--preset", "dual", "--separate-streams", *VIEWS, *TEXT_TOP]),
     "flat-separate-text1": ("flat with two towers + --text-finetune-layers 1: the comparison for "
                             "detach-skip-separate-windows-ctx0-text1",
                             ["--preset", "flat", *ALIGN_NCE, "--separate-streams", *TEXT_TOP]),
