@@ -44,6 +44,7 @@ UNIT_DROPOUT = ["--unit-dropout", "0.2"]  # feature-level augmentation: a fifth 
 PATH_DROPOUT = ["--context-path-dropout", "0.5"]  # half the steps run with the context level cut from the reasoning
 STAGE = ["--image-context-stage", "3"]  # the image context units read EfficientNet's stride-16 stage
 VIEWS = ["--augment-views", "2"]  # each step shows each photo as itself, mirrored or cropped (cached views)
+VIEWS4 = ["--augment-views", "4"]  # the mirror and three crops
 TEXT_TOP = ["--text-finetune-layers", "1"]  # MiniLM's last layer trains (at 0.1x the rate) on cached layer-5 states
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "fixed-aux": ("fixed equal stream and level weights + a hinge on each of the six parts (weight 0.5)",
@@ -183,6 +184,13 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                                                   "local level's instead of diluting it (seed 0 not paired with "
                                                   "v8's initial weights, as the first stage-3 recipe)",
                                                   [*SEPARATE, *WINDOWS, *STAGE, *TEXT_TOP]),
+    "detach-skip-separate-windows-ctx0-views4-text1": ("v9 with --augment-views 4 (the mirror and three crops): two "
+                                                       "views lifted tshsr on every seed, so more of them may lift "
+                                                       "it further", [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT,
+                                                                      *VIEWS4, *TEXT_TOP]),
+    "dual-views4-text1": ("dual encoder + --augment-views 4 + --text-finetune-layers 1: the baseline of the views4 "
+                          "recipe (two views lifted the dual encoder more than tshsr)",
+                          ["--preset", "dual", *VIEWS4, *TEXT_TOP]),
     "detach-skip-separate-windows-ctx0-views2-text1": ("v8 + --augment-views 2: every step shows each training "
                                                        "photo as itself, mirrored (never when a caption says left "
                                                        "or right) or as a fixed crop of 50-100 % of its area, "
