@@ -67,7 +67,8 @@ def test_ablation_run_folders_name_flag_values() -> None:
     from ablation_full import recipe, run_folder
 
     root = Path("runs")
-    assert run_folder(root, "tshsr", 0, recipe("tshsr", "v9")).name == "tshsr-detach-skip-separate-windows-ctx0-views2-text1-s0"
+    tshsr = run_folder(root, "tshsr", 0, recipe("tshsr", "v9"))
+    assert tshsr.name == "tshsr-detach-skip-separate-windows-ctx0-views2-text1-s0"
     assert run_folder(root, "i2t", 1, recipe("i2t", "v9")).name == "i2t-detach-skip-windows-ctx0-views2-text1-s1"
     assert run_folder(root, "dual", 2, recipe("dual", "v8")).name == "dual-text1-s2"
     assert run_folder(root, "dual", 0, ["--augment-views", "4"]).name == "dual-views4-s0"
