@@ -193,10 +193,15 @@ def _round_table(records: list[dict], round_: str) -> list[str]:
         lines.append(f"| {preset} | {len(recs)} | " + " | ".join(cells)
                      + f" | {_cell([r['metrics']['rsum'] for r in recs])} | {per_seed} |")
 
-    def paired(a: str, b: str) -> tuple[list[str], bool | None]:
+    def gaps_by_seed(a: str, b: str) -> dict[int, float]:
+        """{seed: RSUM of a minus RSUM of b} over the seeds both have run."""
         seeds = sorted({s for (p, s) in by if p == a} & {s for (p, s) in by if p == b})
-        gaps = [by[a, s]["metrics"]["rsum"] - by[b, s]["metrics"]["rsum"] for s in seeds]
-        text = [f"seed {s}: {g:+.1f}" for s, g in zip(seeds, gaps)]
+        return {s: by[a, s]["metrics"]["rsum"] - by[b, s]["metrics"]["rsum"] for s in seeds}
+
+    def paired(a: str, b: str) -> tuple[list[str], bool | None]:
+        by_seed = gaps_by_seed(a, b)
+        seeds, gaps = list(by_seed), list(by_seed.values())
+        text = [f"seed {s}: {g:+.1f}" for s, g in by_seed.items()]
         if any(g <= 0 for g in gaps):  # a claim that must hold on every seed has failed once: decided
             return text, False
         return text, (True if len(seeds) >= 3 else None)
@@ -218,8 +223,7 @@ def _round_table(records: list[dict], round_: str) -> list[str]:
         verdict = ("not decided yet (tshsr ahead on fewer than 3 paired seeds)" if held is None
                    else "HELD" if held else "NOT held (tshsr is not ahead on every paired seed)")
         lines.append(f"- {claim}: {verdict}" + (f" — {', '.join(text)}" if text else ""))
-    dual_gaps = [by["tshsr", s]["metrics"]["rsum"] - by["dual", s]["metrics"]["rsum"]
-                 for s in sorted({s for (p, s) in by if p == "tshsr"} & {s for (p, s) in by if p == "dual"})]
+    dual_gaps = list(gaps_by_seed("tshsr", "dual").values())
     if dual_gaps:  # issue 12 asks for a margin, not just a win
         lines.append(f"- full model ≥ dual encoder + {DUAL_MARGIN:g} RSUM (issue 12's target): on "
                      f"{sum(g >= DUAL_MARGIN for g in dual_gaps)} of {len(dual_gaps)} paired seeds")
