@@ -45,6 +45,7 @@ PATH_DROPOUT = ["--context-path-dropout", "0.5"]  # half the steps run with the 
 STAGE = ["--image-context-stage", "3"]  # the image context units read EfficientNet's stride-16 stage
 VIEWS = ["--augment-views", "2"]  # each step shows each photo as itself, mirrored or cropped (cached views)
 VIEWS4 = ["--augment-views", "4"]  # the mirror and three crops
+LAYER3 = ["--text-context-layer", "3"]  # the caption context units read MiniLM's layer-3 states (of 6)
 TEXT_TOP = ["--text-finetune-layers", "1"]  # MiniLM's last layer trains (at 0.1x the rate) on cached layer-5 states
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "fixed-aux": ("fixed equal stream and level weights + a hinge on each of the six parts (weight 0.5)",
@@ -188,6 +189,18 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                                                        "views lifted tshsr on every seed, so more of them may lift "
                                                        "it further", [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT,
                                                                       *VIEWS4, *TEXT_TOP]),
+    "detach-skip-separate-windows-ctx0-layer3-views2-text1": ("v9 + --text-context-layer 3: the caption context "
+                                                              "units pool MiniLM's layer-3 states (the middle of its "
+                                                              "6, frozen, projected on their own) instead of the "
+                                                              "local level's word vectors, so the context level "
+                                                              "reads features the local level does not have (the "
+                                                              "text side of the stage-3 lever)",
+                                                              [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, *LAYER3,
+                                                               *VIEWS, *TEXT_TOP]),
+    "detach-skip-separate-windows-layer3-views2-text1": ("the layer-3 recipe with a score share for the context "
+                                                         "level (equal level weights): whether lower-layer phrase "
+                                                         "features make the context level's own score count",
+                                                         [*SEPARATE, *WINDOWS, *LAYER3, *VIEWS, *TEXT_TOP]),
     "dual-views4-text1": ("dual encoder + --augment-views 4 + --text-finetune-layers 1: the baseline of the views4 "
                           "recipe (two views lifted the dual encoder more than tshsr)",
                           ["--preset", "dual", *VIEWS4, *TEXT_TOP]),

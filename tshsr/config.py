@@ -90,6 +90,10 @@ class TSHSRConfig:
     # Train only the top N layers of a transformers encoder; the frozen layers below are cached
     # (their hidden states) and the trained top is stored in the checkpoint. 0: all frozen.
     text_finetune_layers: int = 0
+    # The context level reads its own caption features: the hidden states after this layer of the
+    # transformers encoder (0: the token embeddings; a frozen layer, below any trained top layers),
+    # projected on their own, instead of window means of the local level's word vectors.
+    text_context_layer: int | None = None
     vocab_size: int = 0  # bigru only: size of its own vocabulary (saved with the model)
     word_dim: int = 300  # bigru only
 
@@ -160,6 +164,12 @@ class TSHSRConfig:
             if self.image_encoder != "timm" or "context" not in self.levels or self.image_context_stage < 0:
                 bad("image_context_stage feeds an earlier stage of a timm backbone (an index >= 0) to the context "
                     "level; it needs image_encoder='timm' and the context level")
+        if self.text_context_layer is not None:
+            if self.text_encoder != "transformers" or self.finetune_text or "context" not in self.levels:
+                bad("text_context_layer feeds a frozen layer of a transformers text encoder to the context level; "
+                    "it needs text_encoder='transformers' (not finetune_text) and the context level")
+            if self.text_context_layer < 0:
+                bad(f"text_context_layer={self.text_context_layer}: a layer index >= 0 (0: the token embeddings)")
         if self.context_relations and "context" not in self.levels:
             bad("context_relations links the context nodes with each other; it needs the context level")
         if self.separate_streams and set(self.streams) != set(STREAMS):
@@ -228,6 +238,8 @@ class TSHSRConfig:
                 del data[name]
         if not data["text_finetune_layers"]:
             del data["text_finetune_layers"]
+        if data["text_context_layer"] is None:
+            del data["text_context_layer"]
         return data
 
     @classmethod

@@ -250,9 +250,13 @@ class TransformersTextBackbone(nn.Module):
     ``finetune_layers`` stay frozen (their output is what the feature cache stores, every token
     with its attention mask: :meth:`lower`), the top ones are trained on it (:meth:`upper`). The
     full :meth:`forward` is unchanged, so inference runs the whole encoder with the trained top.
+
+    ``context_layer`` (``TSHSRConfig.text_context_layer``): :meth:`forward` also returns the hidden
+    states after that (frozen) layer, beside the last ones on the feature axis ([..., 2F]), for the
+    context level to read; :meth:`context_hidden` gives them for every token (the feature cache).
     """
 
-    def __init__(self, name: str, finetune_layers: int = 0):
+    def __init__(self, name: str, finetune_layers: int = 0, context_layer: int | None = None):
         super().__init__()
         from transformers import AutoModel
 
@@ -275,10 +279,27 @@ class TransformersTextBackbone(nn.Module):
             if not 0 < self.finetune_layers < len(layers):
                 raise ValueError(f"text_finetune_layers={self.finetune_layers}: {name!r} has {len(layers)} layers; "
                                  f"train between 1 and {len(layers) - 1} of them (--finetune-text trains all)")
+        self.context_layer = context_layer
+        if context_layer is not None:
+            n = int(self.model.config.num_hidden_layers)
+            frozen = n - self.finetune_layers
+            if not 0 <= context_layer <= frozen:
+                raise ValueError(f"text_context_layer={context_layer}: {name!r} has {n} layers"
+                                 + (f", of which the top {self.finetune_layers} train" if self.finetune_layers else "")
+                                 + f"; the context level reads a frozen one, 0 (the token embeddings) to {frozen}")
 
     def forward(self, input_ids, attention_mask, word_mask):
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return compact_units(hidden, word_mask.bool())
+        if self.context_layer is None:
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return compact_units(hidden, word_mask.bool())
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return compact_units(torch.cat([out.last_hidden_state, out.hidden_states[self.context_layer]], -1),
+                             word_mask.bool())
+
+    def context_hidden(self, input_ids, attention_mask) -> torch.Tensor:
+        """Hidden states of every token [B, T, F] after layer ``context_layer`` (frozen)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.hidden_states[self.context_layer]
 
     # ---- split encoder (finetune_layers > 0) ----
     def top_layers(self) -> nn.ModuleList:
@@ -360,7 +381,7 @@ def build_backbones(config, vocabulary=None, pretrained: bool = True) -> tuple[n
     else:
         image = PrecomputedImageBackbone(config.image_feature_dim)
     if config.text_encoder == "transformers":
-        text = TransformersTextBackbone(config.text_model, config.text_finetune_layers)
+        text = TransformersTextBackbone(config.text_model, config.text_finetune_layers, config.text_context_layer)
     else:
         if vocabulary is None:
             raise ValueError("text_encoder='bigru' needs its Vocabulary (vocab.json)")

@@ -27,8 +27,9 @@ class Encoding:
     much each unit belongs to each of the C learned context units; rows sum to one). The context
     units themselves, :attr:`context`, are derived from these on use instead of stored: they are
     cheap to recompute per block and would add C x D floats per item (0.5 GB for a COCO 5K split).
-    ``context_source`` [N, n, D] (images of a model with ``image_context_stage``): the unit vectors
-    the context units pool instead of ``units``, projected from an earlier backbone stage.
+    ``context_source`` [N, n, D] (images of a model with ``image_context_stage``, captions of one
+    with ``text_context_layer``): the unit vectors the context units pool instead of ``units``,
+    projected from an earlier backbone stage or text encoder layer.
     """
 
     units: torch.Tensor
@@ -256,6 +257,12 @@ def encode_features(model, side: str, feats: torch.Tensor, mask: torch.Tensor) -
             raise ValueError(f"Image features of {feats.shape[-1]} values per region; this model reads "
                              f"{width} + {model.config.image_context_dim} (its image_context_stage)")
         feats, stage = feats[..., :width], feats[..., width:]
+    if side == "text" and model.config.text_context_layer is not None:  # [last layer | context layer]
+        width = model.config.text_feature_dim
+        if feats.shape[-1] != 2 * width:
+            raise ValueError(f"Caption features of {feats.shape[-1]} values per word; this model reads {width} + "
+                             f"{width} (its text_context_layer {model.config.text_context_layer})")
+        feats, stage = feats[..., :width], feats[..., width:]
 
     def encode(tower, context_queries):
         return encode_side(feats.float(), mask, getattr(tower, f"{side}_proj"), getattr(tower, f"{side}_pool"),
@@ -270,7 +277,7 @@ def encode_features(model, side: str, feats: torch.Tensor, mask: torch.Tensor) -
         second = encode(model.t2i_towers, queries)
         out = join_towers(encode(model, None), second, second.membership)
     if stage is not None:
-        out.context_source = l2norm(model.image_context_proj(stage.float())) * out.mask.unsqueeze(-1)
+        out.context_source = l2norm(getattr(model, f"{side}_context_proj")(stage.float())) * out.mask.unsqueeze(-1)
     return out
 
 

@@ -65,6 +65,10 @@ class CachedFeatures:
     texts: np.ndarray  # [C, L, F] float16
     text_mask: np.ndarray  # [C, L] bool; int8 token kinds with text_finetune_layers (see cacheable_text_features)
     directory: Path
+    # text_context_layer: that layer's hidden states of every token [C, T, F] and their int8 token
+    # kinds [C, T], an entry of their own (:func:`cache_text_layer`)
+    text_context: np.ndarray | None = None
+    text_context_mask: np.ndarray | None = None
 
     def image_batch(self, index, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         index = np.asarray(index)
@@ -78,26 +82,49 @@ class CachedFeatures:
         return (torch.from_numpy(np.ascontiguousarray(self.texts[index, :width])).to(device, torch.float32),
                 torch.from_numpy(np.ascontiguousarray(mask[:, :width])).to(device))
 
+    def text_context_batch(self, index, device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The context layer's token states and kinds of captions ``index`` (None: not cached)."""
+        if self.text_context is None:
+            return None
+        index = np.asarray(index)
+        kinds = self.text_context_mask[index]
+        width = max(1, int(kinds.any(0).nonzero()[0].max()) + 1) if kinds.any() else 1
+        return (torch.from_numpy(np.ascontiguousarray(self.text_context[index, :width])).to(device, torch.float32),
+                torch.from_numpy(np.ascontiguousarray(kinds[:, :width])).to(device))
+
 
 def cacheable_text_features(model, texts) -> tuple[torch.Tensor, torch.Tensor]:
     """What the cache stores for captions: the model's ``text_features``; with
     ``text_finetune_layers``, the frozen lower layers' hidden states of every token [N, T, F] and
     a token mask [N, T] int8 (0 padding, 1 special token, 2 word), which :func:`text_units_from_cache`
     turns into word features through the trained top layers."""
-    if not model.config.text_finetune_layers:
-        return model.text_features(texts)
+    if not model.config.text_finetune_layers:  # the last layer's word features (a context layer is cached apart)
+        feats, mask = model.text_features(texts)
+        return feats[..., :model.config.text_feature_dim], mask
     tok = {k: v.to(model.device) for k, v in model.processor.tokenize(texts).items()}
     hidden = model.text_backbone.lower(tok["input_ids"], tok["attention_mask"])
     return hidden, tok["attention_mask"].to(torch.int8) + tok["word_mask"].to(torch.int8)
 
 
-def text_units_from_cache(model, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def text_units_from_cache(model, features: torch.Tensor, mask: torch.Tensor,
+                          context: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cached caption features to word features [N, L, F] and word mask: as cached, or through the
-    trained top layers of the text encoder (``text_finetune_layers``), with gradients when enabled."""
-    if not model.config.text_finetune_layers:
+    trained top layers of the text encoder (``text_finetune_layers``), with gradients when enabled.
+    A model with ``text_context_layer`` gets that layer's word states beside them ([N, L, 2F], as
+    its ``text_features``), from ``context`` (:meth:`CachedFeatures.text_context_batch`)."""
+    if model.config.text_finetune_layers:
+        hidden = model.text_backbone.upper(features, (mask > 0).long())
+        features, mask = compact_units(hidden, mask == 2)
+    if model.config.text_context_layer is None:
         return features, mask
-    hidden = model.text_backbone.upper(features, (mask > 0).long())
-    return compact_units(hidden, mask == 2)
+    if context is None:
+        raise ValueError("this model's context level reads a layer of its text encoder "
+                         f"(text_context_layer={model.config.text_context_layer}) that the feature cache was not given")
+    words, _ = compact_units(context[0], context[1] == 2)
+    if words.shape[:2] != features.shape[:2]:
+        raise ValueError(f"cached context-layer states of {tuple(words.shape[:2])} words do not line up with "
+                         f"the captions' {tuple(features.shape[:2])}")
+    return torch.cat([features, words], -1), mask
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -113,7 +140,7 @@ def cache_features(model, images, captions, image_ids, caption_image, cache_dir:
     key_data = {"backbone": backbone_key(config), "data": content_key(image_ids, captions, caption_image)}
     directory, state = _entry(cache_dir, key_data)
     if state.get("complete"):
-        return _open(directory)
+        return _with_text_context(model, _open(directory), captions, caption_image, cache_dir, text_batch_size, progress)
     n_images, n_texts = len(image_ids), len(captions)
     model_was_training = model.training
     model.eval()
@@ -129,7 +156,44 @@ def cache_features(model, images, captions, image_ids, caption_image, cache_dir:
     state["complete"] = True
     _write_json(directory / "progress.json", state)
     model.train(model_was_training)
-    return _open(directory)
+    return _with_text_context(model, _open(directory), captions, caption_image, cache_dir, text_batch_size, progress)
+
+
+def _with_text_context(model, cached: CachedFeatures, captions, caption_image, cache_dir, batch_size: int,
+                       progress: bool) -> CachedFeatures:
+    if model.config.text_context_layer is not None:
+        cached.text_context, cached.text_context_mask = cache_text_layer(model, captions, caption_image, cache_dir,
+                                                                         batch_size, progress)
+    return cached
+
+
+@torch.no_grad()
+def cache_text_layer(model, captions, caption_image, cache_dir: str | os.PathLike, batch_size: int = 256,
+                     progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The hidden states after the text encoder's ``text_context_layer`` of every token [C, T, F]
+    and their kinds [C, T] int8 (0 padding, 1 special token, 2 word), memory maps of a cache entry
+    of their own: keyed like the split's features plus the layer, so the entry of the images and
+    the other text features is shared with models that read no such layer."""
+    config = model.config
+    layer = config.text_context_layer
+    key_data = {"backbone": backbone_key(config), "data": content_key([], captions, caption_image),
+                "text_layer": layer}
+    directory, state = _entry(cache_dir, key_data)
+    if not state.get("complete"):
+        was_training = model.training
+        model.eval()
+
+        def compute(a, b):
+            tok = {k: v.to(model.device) for k, v in model.processor.tokenize(list(captions[a:b])).items()}
+            hidden = model.text_backbone.context_hidden(tok["input_ids"], tok["attention_mask"])
+            return hidden, tok["attention_mask"].to(torch.int8) + tok["word_mask"].to(torch.int8)
+
+        _fill(directory, state, "texts", (len(captions), config.max_text_length, config.text_feature_dim), batch_size,
+              compute, f"cap (layer {layer})", np.int8, progress)
+        state["complete"] = True
+        _write_json(directory / "progress.json", state)
+        model.train(was_training)
+    return np.load(directory / "texts.npy", mmap_mode="r"), np.load(directory / "text_mask.npy", mmap_mode="r")
 
 
 def _entry(cache_dir, key_data: dict) -> tuple[Path, dict]:

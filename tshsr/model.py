@@ -82,6 +82,8 @@ class TSHSRModel(
         if config.image_context_stage is not None:  # the context level's own image units (an earlier stage);
             # built last, so that every other layer starts from the same weights as without it (same seed)
             self.image_context_proj = nn.Linear(config.image_context_dim, D)
+        if config.text_context_layer is not None:  # the same for captions: a lower layer of the text encoder
+            self.text_context_proj = nn.Linear(Ft, D)
         self.engine = ScoringEngine(self)
         self.card_results = None  # model-index results of the card this model was loaded with
         if pretrained_backbones:

@@ -32,7 +32,7 @@ Examples:
 # those a run changed.
 RECIPE_FIELDS = ("warmup_epochs", "margin", "grad_clip", "hard_negatives", "random_negatives", "aux_stream_weight",
                  "aux_level_weight", "mine_pool", "stream_fusion", "level_fusion", "level_weights", "level_cosine", "context_skip", "context_gate", "context_relations",
-                 "image_context_stage",
+                 "image_context_stage", "text_context_layer",
                  "context_units", "context_pooling", "word_salience", "separate_streams", "alignment_weight", "alignment_joint",
                  "alignment_chunk",
                  "context_detach", "alignment_levels", "alignment_complement", "unit_dropout", "augment_views", "context_path_dropout",
@@ -81,6 +81,7 @@ class TrainArgs:
     context_gate: bool = False  # the context path's messages scaled by a learned gate, zero at first
     context_relations: bool = False  # the context nodes reason over each other (SGR's relation step)
     image_context_stage: int | None = None  # the context level reads this earlier backbone stage (feature_info index)
+    text_context_layer: int | None = None  # the context level reads this frozen text encoder layer (0: embeddings)
     context_skip: bool = False  # reasoning also links local and global directly (context beside, not between)
     context_units: list | None = None  # [image, text] context units (None: the preset's 6 and 4)
     context_pooling: str = "learned"  # context units: "learned" soft groups or fixed "windows"
@@ -262,6 +263,11 @@ def _add_context_flags(g, d) -> None:
                    help="the context level reads its own image features: this earlier stage of the timm backbone "
                         "(an index into its feature_info; 3 on EfficientNet = stride 16), pooled onto the last grid "
                         "and projected on its own, instead of window means of the local level's region vectors")
+    g.add_argument("--text-context-layer", type=int, default=d.text_context_layer, metavar="LAYER",
+                   help="the context level reads its own caption features: the hidden states after this frozen "
+                        "layer of the transformers text encoder (0: the token embeddings; 3 on MiniLM-L6 = its "
+                        "middle), cached apart and projected on their own, instead of window means of the local "
+                        "level's word vectors")
     g.add_argument("--context-units", type=int, nargs=2, metavar=("IMAGE", "TEXT"), default=d.context_units,
                    help="context units (learned soft groups) over regions and over words (default: 6 and 4)")
     g.add_argument("--context-pooling", choices=("learned", "windows"), default=d.context_pooling,

@@ -95,7 +95,8 @@ class BatchSource:
             return self.model.text_features([self.split.captions[int(i)] for i in index])
         from tshsr.features import text_units_from_cache
 
-        return text_units_from_cache(self.model, *self.cached.text_batch(index, device))
+        return text_units_from_cache(self.model, *self.cached.text_batch(index, device),
+                                     context=self.cached.text_context_batch(index, device))
 
 
 def drop_units(mask: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:

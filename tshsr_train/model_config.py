@@ -20,7 +20,8 @@ def build_config(args: TrainArgs, vocabulary: Vocabulary | None) -> TSHSRConfig:
                      level_cosine=args.level_cosine, context_skip=args.context_skip,
                      context_gate=args.context_gate, context_relations=args.context_relations,
                      word_salience=args.word_salience, separate_streams=args.separate_streams,
-                     context_pooling=args.context_pooling, image_context_stage=args.image_context_stage)
+                     context_pooling=args.context_pooling, image_context_stage=args.image_context_stage,
+                     text_context_layer=args.text_context_layer)
     if args.context_units:
         overrides.update(context_units_image=args.context_units[0], context_units_text=args.context_units[1])
     if args.dataset == "precomp":
@@ -42,6 +43,7 @@ MODEL_FLAGS = {
     "context_skip": ("context_skip",), "context_gate": ("context_gate",),
     "context_relations": ("context_relations",), "word_salience": ("word_salience",),
     "separate_streams": ("separate_streams",), "image_context_stage": ("image_context_stage",),
+    "text_context_layer": ("text_context_layer",),
     "context_units": ("context_units_image", "context_units_text"), "context_pooling": ("context_pooling",),
     "image_feature_dim": ("image_feature_dim",), "dataset": ("image_encoder",),
 }
