@@ -5,7 +5,6 @@ built by :mod:`tshsr.registry` for the ``sgr`` and ``saf`` presets."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import GraphReasoningStep, cross_attention, cross_attention_grid, l2norm
