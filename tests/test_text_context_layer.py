@@ -111,6 +111,17 @@ def test_the_layer_projection_trains_under_context_detach() -> None:
     assert model.text_context_proj.weight.grad is not None and model.text_context_proj.weight.grad.abs().sum() > 0
 
 
+def test_the_demo_breakdown_and_attention_come_out(layered) -> None:
+    from tshsr.explain import pair_attention
+
+    with torch.no_grad():
+        out = layered.score(regions(2), CAPTIONS[:2], return_attention=True)
+    parts = sum(out.contributions[key] for key in layered.contribution_keys)
+    torch.testing.assert_close(parts, out.scores)
+    attention = pair_attention(out, 1, 0)
+    assert attention.has_maps and attention.tokens
+
+
 def test_saves_and_reloads_with_the_same_scores(layered, tmp_path) -> None:
     layered.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["text_context_layer"] == 3
