@@ -76,21 +76,22 @@ class CachedFeatures:
                 torch.from_numpy(np.ascontiguousarray(self.image_mask[index])).to(device))
 
     def text_batch(self, index, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        index = np.asarray(index)
-        mask = self.text_mask[index]
-        width = max(1, int(mask.any(0).nonzero()[0].max()) + 1) if mask.any() else 1
-        return (torch.from_numpy(np.ascontiguousarray(self.texts[index, :width])).to(device, torch.float32),
-                torch.from_numpy(np.ascontiguousarray(mask[:, :width])).to(device))
+        return _caption_rows(self.texts, self.text_mask, index, device)
 
     def text_context_batch(self, index, device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The context layer's token states and kinds of captions ``index`` (None: not cached)."""
         if self.text_context is None:
             return None
-        index = np.asarray(index)
-        kinds = self.text_context_mask[index]
-        width = max(1, int(kinds.any(0).nonzero()[0].max()) + 1) if kinds.any() else 1
-        return (torch.from_numpy(np.ascontiguousarray(self.text_context[index, :width])).to(device, torch.float32),
-                torch.from_numpy(np.ascontiguousarray(kinds[:, :width])).to(device))
+        return _caption_rows(self.text_context, self.text_context_mask, index, device)
+
+
+def _caption_rows(features: np.ndarray, masks: np.ndarray, index, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``index`` of cached caption features and their masks, cut to the batch's longest caption."""
+    index = np.asarray(index)
+    mask = masks[index]
+    width = max(1, int(mask.any(0).nonzero()[0].max()) + 1) if mask.any() else 1
+    return (torch.from_numpy(np.ascontiguousarray(features[index, :width])).to(device, torch.float32),
+            torch.from_numpy(np.ascontiguousarray(mask[:, :width])).to(device))
 
 
 def cacheable_text_features(model, texts) -> tuple[torch.Tensor, torch.Tensor]:
