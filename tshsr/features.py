@@ -102,13 +102,20 @@ def cacheable_text_features(model, texts) -> tuple[torch.Tensor, torch.Tensor]:
     if not model.config.text_finetune_layers:  # the last layer's word features (a context layer is cached apart)
         feats, mask = model.text_features(texts)
         return feats[..., :model.config.text_feature_dim], mask
+    return _token_states(model, texts, model.text_backbone.lower)
+
+
+def _token_states(model, texts, states) -> tuple[torch.Tensor, torch.Tensor]:
+    """``states(input_ids, attention_mask)`` [N, T, F] of the tokenised ``texts`` (every token) and
+    their kinds [N, T] int8: 0 padding, 1 special token, 2 word."""
     tok = {k: v.to(model.device) for k, v in model.processor.tokenize(texts).items()}
-    hidden = model.text_backbone.lower(tok["input_ids"], tok["attention_mask"])
+    hidden = states(tok["input_ids"], tok["attention_mask"])
     return hidden, tok["attention_mask"].to(torch.int8) + tok["word_mask"].to(torch.int8)
 
 
 def text_units_from_cache(model, features: torch.Tensor, mask: torch.Tensor,
-                          context: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          context: tuple[torch.Tensor, torch.Tensor] | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cached caption features to word features [N, L, F] and word mask: as cached, or through the
     trained top layers of the text encoder (``text_finetune_layers``), with gradients when enabled.
     A model with ``text_context_layer`` gets that layer's word states beside them ([N, L, 2F], as
@@ -136,12 +143,24 @@ def _write_json(path: Path, data: dict) -> None:
 def cache_features(model, images, captions, image_ids, caption_image, cache_dir: str | os.PathLike,
                    image_batch_size: int = 32, text_batch_size: int = 256, progress: bool = True) -> CachedFeatures:
     """Compute (or reuse) backbone features of a split. ``images``: list of PIL images or paths
-    (for a precomputed-features model, an array [N, K, F] that is cached as is)."""
+    (for a precomputed-features model, an array [N, K, F] that is cached as is). A model with
+    ``text_context_layer`` also gets that layer's states, from an entry of their own."""
+    cached = _open(_cache_split(model, images, captions, image_ids, caption_image, cache_dir, image_batch_size,
+                                text_batch_size, progress))
+    if model.config.text_context_layer is not None:
+        cached.text_context, cached.text_context_mask = cache_text_layer(model, captions, caption_image, cache_dir,
+                                                                         text_batch_size, progress)
+    return cached
+
+
+def _cache_split(model, images, captions, image_ids, caption_image, cache_dir, image_batch_size: int,
+                 text_batch_size: int, progress: bool) -> Path:
+    """The folder of the split's entry (images and word features), filled where it is not yet."""
     config = model.config
     key_data = {"backbone": backbone_key(config), "data": content_key(image_ids, captions, caption_image)}
     directory, state = _entry(cache_dir, key_data)
     if state.get("complete"):
-        return _with_text_context(model, _open(directory), captions, caption_image, cache_dir, text_batch_size, progress)
+        return directory
     n_images, n_texts = len(image_ids), len(captions)
     model_was_training = model.training
     model.eval()
@@ -157,15 +176,7 @@ def cache_features(model, images, captions, image_ids, caption_image, cache_dir:
     state["complete"] = True
     _write_json(directory / "progress.json", state)
     model.train(model_was_training)
-    return _with_text_context(model, _open(directory), captions, caption_image, cache_dir, text_batch_size, progress)
-
-
-def _with_text_context(model, cached: CachedFeatures, captions, caption_image, cache_dir, batch_size: int,
-                       progress: bool) -> CachedFeatures:
-    if model.config.text_context_layer is not None:
-        cached.text_context, cached.text_context_mask = cache_text_layer(model, captions, caption_image, cache_dir,
-                                                                         batch_size, progress)
-    return cached
+    return directory
 
 
 @torch.no_grad()
@@ -183,14 +194,9 @@ def cache_text_layer(model, captions, caption_image, cache_dir: str | os.PathLik
     if not state.get("complete"):
         was_training = model.training
         model.eval()
-
-        def compute(a, b):
-            tok = {k: v.to(model.device) for k, v in model.processor.tokenize(list(captions[a:b])).items()}
-            hidden = model.text_backbone.context_hidden(tok["input_ids"], tok["attention_mask"])
-            return hidden, tok["attention_mask"].to(torch.int8) + tok["word_mask"].to(torch.int8)
-
         _fill(directory, state, "texts", (len(captions), config.max_text_length, config.text_feature_dim), batch_size,
-              compute, f"cap (layer {layer})", np.int8, progress)
+              lambda a, b: _token_states(model, list(captions[a:b]), model.text_backbone.context_hidden),
+              f"cap (layer {layer})", np.int8, progress)
         state["complete"] = True
         _write_json(directory / "progress.json", state)
         model.train(was_training)
