@@ -46,6 +46,8 @@ STAGE = ["--image-context-stage", "3"]  # the image context units read Efficient
 VIEWS = ["--augment-views", "2"]  # each step shows each photo as itself, mirrored or cropped (cached views)
 VIEWS4 = ["--augment-views", "4"]  # the mirror and three crops
 LAYER3 = ["--text-context-layer", "3"]  # the caption context units read MiniLM's layer-3 states (of 6)
+LAYER1 = ["--text-context-layer", "1"]  # ... its layer-1 states: nearly lexical, one attention step over the words
+LAYER5 = ["--text-context-layer", "5"]  # ... its layer-5 states: the frozen input of the trained top layer
 TEXT_TOP = ["--text-finetune-layers", "1"]  # MiniLM's last layer trains (at 0.1x the rate) on cached layer-5 states
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "fixed-aux": ("fixed equal stream and level weights + a hinge on each of the six parts (weight 0.5)",
@@ -196,6 +198,16 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                                                               "reads features the local level does not have (the "
                                                               "text side of the stage-3 lever)",
                                                               [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, *LAYER3,
+                                                               *VIEWS, *TEXT_TOP]),
+    "detach-skip-separate-windows-ctx0-layer1-views2-text1": ("the layer-3 recipe with MiniLM's layer 1: phrase "
+                                                              "windows over nearly lexical states, the far end of "
+                                                              "what the local level's trained word vectors carry",
+                                                              [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, *LAYER1,
+                                                               *VIEWS, *TEXT_TOP]),
+    "detach-skip-separate-windows-ctx0-layer5-views2-text1": ("the layer-3 recipe with MiniLM's layer 5, the frozen "
+                                                              "input of its trained top layer: the near end, so the "
+                                                              "sweep tells whether the layer matters at all",
+                                                              [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, *LAYER5,
                                                                *VIEWS, *TEXT_TOP]),
     "detach-skip-separate-windows-layer3-views2-text1": ("the layer-3 recipe with a score share for the context "
                                                          "level (equal level weights): whether lower-layer phrase "
