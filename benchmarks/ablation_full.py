@@ -258,10 +258,12 @@ def summarize(records: list[dict]) -> str:
              f"Written by `python benchmarks/ablation_full.py` from benchmarks/results/ablation_full.jsonl. Machine: "
              f"{machine(threads=False)}. Budget `{' '.join(BUDGET)}`, frozen EfficientNet-Lite0 grid + "
              "all-MiniLM-L6-v2 tokens (from v8 on, MiniLM's last layer trains on cached states of the 5 below; from v9 "
-             "on, each training photo is also seen mirrored and cropped, 2 cached views); the "
+             "on, each training photo is also seen mirrored and cropped, 2 cached views; from v10 on, the caption "
+             "context units read MiniLM's frozen layer 3); the "
              "best epoch by validation RSUM is kept (protocol: cosine shortlist + rerank top-20 for every model). "
              "Mean ± half the range over seeds. A run that trains with the same flags in two recipes (dual, sgr, saf "
-             "from v3 to v7; flat from v6 to v7) is trained once and counted in both tables."]
+             "from v3 to v7 and from v9 to v10; flat from v6 to v7 and from v9 to v10) is trained once and counted in "
+             "both tables."]
     for i, (round_, _) in enumerate(ROUNDS):
         title = "current recipe, chosen by the streams study" if i == 0 else "earlier recipe, kept for comparison"
         lines += ["", f"### Recipe {round_} ({title})", "", *_round_table(records, round_)]

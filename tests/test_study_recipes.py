@@ -72,3 +72,17 @@ def test_ablation_run_folders_name_flag_values() -> None:
     assert run_folder(root, "i2t", 1, recipe("i2t", "v9")).name == "i2t-detach-skip-windows-ctx0-views2-text1-s1"
     assert run_folder(root, "dual", 2, recipe("dual", "v8")).name == "dual-text1-s2"
     assert run_folder(root, "dual", 0, ["--augment-views", "4"]).name == "dual-views4-s0"
+    assert run_folder(root, "t2i", 0, recipe("t2i", "v10")).name == "t2i-detach-skip-windows-ctx0-views2-text1-layer3-s0"
+
+
+def test_v10_changes_only_the_presets_with_a_context_level() -> None:
+    """v10 adds the layer-3 context units; a preset without a context level keeps v9's flags, so its runs count
+    in both rounds instead of being trained again."""
+    from ablation_full import WITH_CONTEXT, recipe
+
+    for preset in ("dual", "flat", "sgr", "saf"):
+        assert recipe(preset, "v10") == recipe(preset, "v9")
+    for preset in WITH_CONTEXT:
+        flags = recipe(preset, "v10")
+        assert flags[flags.index("--text-context-layer") + 1] == "3"
+        assert [f for f in flags if f not in ("--text-context-layer", "3")] == recipe(preset, "v9")
