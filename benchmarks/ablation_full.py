@@ -38,10 +38,12 @@ BUDGET = ["--epochs", "4", "--lr-update", "3", "--batch-size", "128", "--embed-d
           "--val-rerank-k", "20"]
 NO_LEVELS = ("dual", "sgr", "saf")  # no levels to fuse or align: the budget alone
 WITH_CONTEXT = ("t2i", "i2t", "tshsr")  # --context-detach and --context-skip need a context level
+CAPTION_CONTEXT = ("t2i", "tshsr")  # a context level whose caption units a stream reads (--text-context-layer)
 # The recipes, newest first. Each maps a preset to the flags it trains with beside BUDGET.
 #   v10: the streams study's "detach-skip-separate-windows-ctx0-layer3-views2-text1": v9 + --text-context-layer 3
-#       (the caption context units pool MiniLM's frozen layer-3 states) on every preset with a context level
-#       (t2i, i2t, tshsr); dual, flat, sgr and saf have none, so they keep v9's flags (and runs).
+#       (the caption context units pool MiniLM's frozen layer-3 states) on every preset whose text-to-image stream
+#       has a context level (t2i, tshsr): only that stream reads the caption context units. i2t (whose context
+#       units are the image's), dual, flat, sgr and saf keep v9's flags (and runs).
 #   v9: the streams study's "detach-skip-separate-windows-ctx0-views2-text1": v8 + --augment-views 2 (each step
 #       shows each training photo as itself, mirrored or cropped, from cached views) on every preset: the views
 #       lift tshsr and flat alike, so the baselines see the same data.
@@ -63,7 +65,7 @@ V5 = {**{p: [*ALIGN_NCE, "--context-detach", "--context-skip"] for p in WITH_CON
 V6 = {**V5, "tshsr": [*V5["tshsr"], "--separate-streams"], "flat": [*ALIGN_NCE, "--separate-streams"]}
 V7 = {**V6, **{p: [*V6[p], *WINDOWS, *SCORELESS_CONTEXT] for p in WITH_CONTEXT}}
 ROUNDS: list[tuple[str, dict[str, list[str]]]] = [
-    ("v10", {p: [*V7.get(p, []), *(LAYER3 if p in WITH_CONTEXT else []), *VIEWS, *TEXT_TOP] for p in PRESETS}),
+    ("v10", {p: [*V7.get(p, []), *(LAYER3 if p in CAPTION_CONTEXT else []), *VIEWS, *TEXT_TOP] for p in PRESETS}),
     ("v9", {p: [*V7.get(p, []), *VIEWS, *TEXT_TOP] for p in PRESETS}),
     ("v8", {p: [*V7.get(p, []), *TEXT_TOP] for p in PRESETS}),
     ("v7", V7),
@@ -262,7 +264,8 @@ def summarize(records: list[dict]) -> str:
              "context units read MiniLM's frozen layer 3); the "
              "best epoch by validation RSUM is kept (protocol: cosine shortlist + rerank top-20 for every model). "
              "Mean ± half the range over seeds. A run that trains with the same flags in two recipes (dual, sgr, saf "
-             "from v3 to v7 and from v9 to v10; flat from v6 to v7 and from v9 to v10) is trained once and counted in "
+             "from v3 to v7 and from v9 to v10; flat from v6 to v7 and from v9 to v10; i2t from v9 to v10) is trained "
+             "once and counted in "
              "both tables."]
     for i, (round_, _) in enumerate(ROUNDS):
         title = "current recipe, chosen by the streams study" if i == 0 else "earlier recipe, kept for comparison"

@@ -427,6 +427,9 @@ def test_config_presets_are_the_documented_ablations() -> None:
     (dict(max_text_length=0), "max_text_length must be positive"),
     (dict(reasoning_steps=-1), "reasoning_steps"),
     (dict(context_units_text=0), "context_units"),
+    # a lever on one side's context units is read by one stream only: without it the flag would do nothing
+    (dict(streams=("i2t",), text_context_layer=3), "only the text-to-image stream"),
+    (dict(streams=("t2i",), image_context_stage=3), "only the image-to-text stream"),
 ])
 def test_invalid_configs_raise(overrides, message) -> None:
     with pytest.raises(ValueError, match=message):

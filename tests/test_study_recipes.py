@@ -75,14 +75,16 @@ def test_ablation_run_folders_name_flag_values() -> None:
     assert run_folder(root, "t2i", 0, recipe("t2i", "v10")).name == "t2i-detach-skip-windows-ctx0-views2-text1-layer3-s0"
 
 
-def test_v10_changes_only_the_presets_with_a_context_level() -> None:
-    """v10 adds the layer-3 context units; a preset without a context level keeps v9's flags, so its runs count
-    in both rounds instead of being trained again."""
-    from ablation_full import WITH_CONTEXT, recipe
+def test_v10_changes_only_the_presets_whose_t2i_stream_has_a_context_level() -> None:
+    """v10 adds the layer-3 caption context units, which only the text-to-image stream reads; every other preset
+    keeps v9's flags, so its runs count in both rounds instead of being trained again (i2t's would be the same
+    run: the unused projection is built last)."""
+    from ablation_full import CAPTION_CONTEXT, recipe
 
-    for preset in ("dual", "flat", "sgr", "saf"):
+    assert set(CAPTION_CONTEXT) == {"t2i", "tshsr"}
+    for preset in ("dual", "i2t", "flat", "sgr", "saf"):
         assert recipe(preset, "v10") == recipe(preset, "v9")
-    for preset in WITH_CONTEXT:
+    for preset in CAPTION_CONTEXT:
         flags = recipe(preset, "v10")
         assert flags[flags.index("--text-context-layer") + 1] == "3"
         assert [f for f in flags if f not in ("--text-context-layer", "3")] == recipe(preset, "v9")

@@ -164,12 +164,18 @@ class TSHSRConfig:
             if self.image_encoder != "timm" or "context" not in self.levels or self.image_context_stage < 0:
                 bad("image_context_stage feeds an earlier stage of a timm backbone (an index >= 0) to the context "
                     "level; it needs image_encoder='timm' and the context level")
+            if "i2t" not in self.streams:
+                bad("image_context_stage changes the image context units, which only the image-to-text stream "
+                    "reads (its queries); it needs the 'i2t' stream")
         if self.text_context_layer is not None:
             if self.text_encoder != "transformers" or self.finetune_text or "context" not in self.levels:
                 bad("text_context_layer feeds a frozen layer of a transformers text encoder to the context level; "
                     "it needs text_encoder='transformers' (not finetune_text) and the context level")
             if self.text_context_layer < 0:
                 bad(f"text_context_layer={self.text_context_layer}: a layer index >= 0 (0: the token embeddings)")
+            if "t2i" not in self.streams:
+                bad("text_context_layer changes the caption context units, which only the text-to-image stream "
+                    "reads (its queries); it needs the 't2i' stream")
         if self.context_relations and "context" not in self.levels:
             bad("context_relations links the context nodes with each other; it needs the context level")
         if self.separate_streams and set(self.streams) != set(STREAMS):
