@@ -262,12 +262,13 @@ def _add_context_flags(g, d) -> None:
     g.add_argument("--image-context-stage", type=int, default=d.image_context_stage, metavar="INDEX",
                    help="the context level reads its own image features: this earlier stage of the timm backbone "
                         "(an index into its feature_info; 3 on EfficientNet = stride 16), pooled onto the last grid "
-                        "and projected on its own, instead of window means of the local level's region vectors")
+                        "and projected on its own, instead of window means of the local level's region vectors "
+                        "(read by the image-to-text stream, whose queries they are)")
     g.add_argument("--text-context-layer", type=int, default=d.text_context_layer, metavar="LAYER",
                    help="the context level reads its own caption features: the hidden states after this frozen "
                         "layer of the transformers text encoder (0: the token embeddings; 3 on MiniLM-L6 = its "
                         "middle), cached apart and projected on their own, instead of window means of the local "
-                        "level's word vectors")
+                        "level's word vectors (read by the text-to-image stream, whose queries they are)")
     g.add_argument("--context-units", type=int, nargs=2, metavar=("IMAGE", "TEXT"), default=d.context_units,
                    help="context units (learned soft groups) over regions and over words (default: 6 and 4)")
     g.add_argument("--context-pooling", choices=("learned", "windows"), default=d.context_pooling,
