@@ -160,22 +160,7 @@ class TSHSRConfig:
             bad("context_skip links local and global beside the context level; it needs the context level")
         if self.context_gate and not self.context_skip:
             bad("context_gate starts the context path closed; it needs context_skip (the direct local-global edges)")
-        if self.image_context_stage is not None:
-            if self.image_encoder != "timm" or "context" not in self.levels or self.image_context_stage < 0:
-                bad("image_context_stage feeds an earlier stage of a timm backbone (an index >= 0) to the context "
-                    "level; it needs image_encoder='timm' and the context level")
-            if "i2t" not in self.streams:
-                bad("image_context_stage changes the image context units, which only the image-to-text stream "
-                    "reads (its queries); it needs the 'i2t' stream")
-        if self.text_context_layer is not None:
-            if self.text_encoder != "transformers" or self.finetune_text or "context" not in self.levels:
-                bad("text_context_layer feeds a frozen layer of a transformers text encoder to the context level; "
-                    "it needs text_encoder='transformers' (not finetune_text) and the context level")
-            if self.text_context_layer < 0:
-                bad(f"text_context_layer={self.text_context_layer}: a layer index >= 0 (0: the token embeddings)")
-            if "t2i" not in self.streams:
-                bad("text_context_layer changes the caption context units, which only the text-to-image stream "
-                    "reads (its queries); it needs the 't2i' stream")
+        _check_own_context_features(self, bad)
         if self.context_relations and "context" not in self.levels:
             bad("context_relations links the context nodes with each other; it needs the context level")
         if self.separate_streams and set(self.streams) != set(STREAMS):
@@ -276,3 +261,23 @@ class TSHSRConfig:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
+
+
+def _check_own_context_features(config: TSHSRConfig, bad) -> None:
+    """image_context_stage and text_context_layer: features of the context level's own, one side each."""
+    if config.image_context_stage is not None:
+        if config.image_encoder != "timm" or "context" not in config.levels or config.image_context_stage < 0:
+            bad("image_context_stage feeds an earlier stage of a timm backbone (an index >= 0) to the context "
+                "level; it needs image_encoder='timm' and the context level")
+        if "i2t" not in config.streams:
+            bad("image_context_stage changes the image context units, which only the image-to-text stream "
+                "reads (its queries); it needs the 'i2t' stream")
+    if config.text_context_layer is not None:
+        if config.text_encoder != "transformers" or config.finetune_text or "context" not in config.levels:
+            bad("text_context_layer feeds a frozen layer of a transformers text encoder to the context level; "
+                "it needs text_encoder='transformers' (not finetune_text) and the context level")
+        if config.text_context_layer < 0:
+            bad(f"text_context_layer={config.text_context_layer}: a layer index >= 0 (0: the token embeddings)")
+        if "t2i" not in config.streams:
+            bad("text_context_layer changes the caption context units, which only the text-to-image stream "
+                "reads (its queries); it needs the 't2i' stream")
