@@ -72,7 +72,8 @@ def test_ablation_run_folders_name_flag_values() -> None:
     assert run_folder(root, "i2t", 1, recipe("i2t", "v9")).name == "i2t-detach-skip-windows-ctx0-views2-text1-s1"
     assert run_folder(root, "dual", 2, recipe("dual", "v8")).name == "dual-text1-s2"
     assert run_folder(root, "dual", 0, ["--augment-views", "4"]).name == "dual-views4-s0"
-    assert run_folder(root, "t2i", 0, recipe("t2i", "v10")).name == "t2i-detach-skip-windows-ctx0-views2-text1-layer3-s0"
+    t2i = run_folder(root, "t2i", 0, recipe("t2i", "v10"))
+    assert t2i.name == "t2i-detach-skip-windows-ctx0-views2-text1-layer3-s0"
 
 
 def test_v10_changes_only_the_presets_whose_t2i_stream_has_a_context_level() -> None:
