@@ -265,8 +265,7 @@ def summarize(records: list[dict]) -> str:
              "best epoch by validation RSUM is kept (protocol: cosine shortlist + rerank top-20 for every model). "
              "Mean ± half the range over seeds. A run that trains with the same flags in two recipes (dual, sgr, saf "
              "from v3 to v7 and from v9 to v10; flat from v6 to v7 and from v9 to v10; i2t from v9 to v10) is trained "
-             "once and counted in "
-             "both tables."]
+             "once and counted in both tables."]
     for i, (round_, _) in enumerate(ROUNDS):
         title = "current recipe, chosen by the streams study" if i == 0 else "earlier recipe, kept for comparison"
         lines += ["", f"### Recipe {round_} ({title})", "", *_round_table(records, round_)]

@@ -80,9 +80,13 @@ def test_v10_changes_only_the_presets_whose_t2i_stream_has_a_context_level() -> 
     """v10 adds the layer-3 caption context units, which only the text-to-image stream reads; every other preset
     keeps v9's flags, so its runs count in both rounds instead of being trained again (i2t's would be the same
     run: the unused projection is built last)."""
-    from ablation_full import CAPTION_CONTEXT, recipe
+    from ablation_full import CAPTION_CONTEXT, PRESETS, recipe
 
-    assert set(CAPTION_CONTEXT) == {"t2i", "tshsr"}
+    from tshsr.config import TSHSRConfig
+
+    readers = {p for p in PRESETS if {"t2i"} <= set(TSHSRConfig.preset(p).streams)
+               and "context" in TSHSRConfig.preset(p).levels}
+    assert set(CAPTION_CONTEXT) == readers == {"t2i", "tshsr"}  # the list agrees with the presets themselves
     for preset in ("dual", "i2t", "flat", "sgr", "saf"):
         assert recipe(preset, "v10") == recipe(preset, "v9")
     for preset in CAPTION_CONTEXT:
