@@ -216,3 +216,23 @@ def test_evaluate_takes_the_same_hub_options(tmp_path, mirror, capsys) -> None: 
     assert code == 0
     metrics = json.loads(output.read_text())
     assert (metrics["n_images"], metrics["n_captions"]) == (2, 10)  # the fixture's two test photos
+
+
+def test_the_readme_flickr8k_command_is_the_bundled_models_recipe(monkeypatch) -> None:
+    """The README's Flickr8k command says how the bundled model was made: it must set what
+    benchmarks/flickr8k_default.py trains it with (DEFAULT_RECIPE at the study's budget), so a
+    new default recipe cannot leave the README on the old one."""
+    import dataclasses
+
+    from tshsr_train.args import parse_args
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from flickr8k_default import COMMON, RUNS
+
+    readme = next(c for c in COMMANDS if c[:2] == ["python", "train.py"] and "flickr8k" in c)
+    paths = ["--data-dir", "d", "--output-dir", "o"]
+    ours = dataclasses.asdict(parse_args(readme[2:] + paths))
+    bundled = dataclasses.asdict(parse_args(paths + COMMON + RUNS["tshsr"]))
+    skip = {"given", "data_dir", "output_dir", "no_progress", "progress", "val_split"}
+    differ = {k: (ours[k], bundled[k]) for k in ours if k not in skip and ours[k] != bundled[k]}
+    assert not differ, f"README (left) and DEFAULT_RECIPE (right) differ: {differ}"
