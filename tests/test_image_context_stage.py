@@ -135,3 +135,10 @@ def test_every_other_layer_starts_as_without_the_stage(staged, vocab) -> None:
     assert extra == {"image_context_proj.weight", "image_context_proj.bias"}
     for name, value in plain.items():
         torch.testing.assert_close(staged.state_dict()[name], value, msg=name)
+
+
+def test_the_model_card_says_what_the_image_context_units_read(staged) -> None:
+    from tshsr.hub import model_card
+
+    card = str(model_card(staged.config))
+    assert "the backbone's stage 3" in card and "caption context units" not in card

@@ -160,3 +160,10 @@ def test_the_training_flag_builds_the_config() -> None:
     args = parse_args(["--preset", "tshsr", "--text-context-layer", "3", "--text-finetune-layers", "1"])
     assert build_config(args, None).text_context_layer == 3
     assert build_config(parse_args(["--preset", "tshsr"]), None).text_context_layer is None
+
+
+def test_the_model_card_says_what_the_caption_context_units_read(layered) -> None:
+    from tshsr.hub import model_card
+
+    card = str(model_card(layered.config))
+    assert "frozen layer-3 states" in card and "image context units" not in card
