@@ -90,6 +90,14 @@ def _views() -> str:
     return f" (+ {n} augmented views of each of the 6,000 training photos)"
 
 
+def _caption_layer() -> str:
+    """The extra caption states the setup caches, in words (empty when the recipe reads none)."""
+    flags = RUNS["tshsr"]
+    if "--text-context-layer" not in flags:
+        return ""
+    return f" (+ their layer-{flags[flags.index('--text-context-layer') + 1]} states for the context units)"
+
+
 def report(timing: dict, model_dir: Path) -> list[str]:
     total, busy = timing["total"], timing["busy"]
     records = [json.loads(x) for x in (model_dir / "log.jsonl").read_text().splitlines()]
@@ -116,7 +124,8 @@ def report(timing: dict, model_dir: Path) -> list[str]:
         "",
         "| phase | seconds | minutes |",
         "|---|---|---|",
-        f"| setup: data, model, caching the backbone features of 7,000 photos{_views()} and 35,000 captions | "
+        f"| setup: data, model, caching the backbone features of 7,000 photos{_views()} and 35,000 captions"
+        f"{_caption_layer()} | "
         f"{setup:.0f} | "
         f"{setup / 60:.1f} |",
         f"| training: 4 epochs + validation after each | {total - setup:.0f} | {(total - setup) / 60:.1f} |",
