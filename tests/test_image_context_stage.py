@@ -141,4 +141,4 @@ def test_the_model_card_says_what_the_image_context_units_read(staged) -> None:
     from tshsr.hub import model_card
 
     card = str(model_card(staged.config))
-    assert "the backbone's stage 3" in card and "caption context units" not in card
+    assert "the backbone's stage-3 features" in card and "caption context units" not in card

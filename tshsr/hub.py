@@ -293,8 +293,8 @@ def _architecture_lines(config: TSHSRConfig) -> list[str]:
         lines.append(f"- the caption context units pool the text encoder's frozen layer-{config.text_context_layer} "
                      "states through a projection of their own, not the word units of the local level")
     if "context" in config.levels and config.image_context_stage is not None:
-        lines.append(f"- the image context units pool the backbone's stage {config.image_context_stage} through a "
-                     "projection of their own, not the region units of the local level")
+        lines.append(f"- the image context units pool the backbone's stage-{config.image_context_stage} features "
+                     "through a projection of their own, not the region units of the local level")
     if config.level_fusion == "fixed" and config.level_weights is not None:
         total = sum(config.level_weights)
         shares = ", ".join(f"{lv} {w / total:.2f}" for lv, w in zip(config.levels, config.level_weights))
