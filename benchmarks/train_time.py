@@ -81,21 +81,22 @@ def main() -> int:
     return 0
 
 
+def _flag(name: str) -> str | None:
+    """The value the default recipe gives a flag (None when it does not set it)."""
+    flags = RUNS["tshsr"]
+    return flags[flags.index(name) + 1] if name in flags else None
+
+
 def _views() -> str:
     """The augmented views the setup also caches, in words (empty when the recipe has none)."""
-    flags = RUNS["tshsr"]
-    if "--augment-views" not in flags:
-        return ""
-    n = int(flags[flags.index("--augment-views") + 1])
-    return f" (+ {n} augmented views of each of the 6,000 training photos)"
+    n = _flag("--augment-views")
+    return f" (+ {n} augmented views of each of the 6,000 training photos)" if n else ""
 
 
 def _caption_layer() -> str:
     """The extra caption states the setup caches, in words (empty when the recipe reads none)."""
-    flags = RUNS["tshsr"]
-    if "--text-context-layer" not in flags:
-        return ""
-    return f" (+ their layer-{flags[flags.index('--text-context-layer') + 1]} states for the context units)"
+    layer = _flag("--text-context-layer")
+    return f" (+ their layer-{layer} states for the context units)" if layer else ""
 
 
 def report(timing: dict, model_dir: Path) -> list[str]:

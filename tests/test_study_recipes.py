@@ -84,8 +84,8 @@ def test_v10_changes_only_the_presets_whose_t2i_stream_has_a_context_level() -> 
 
     from tshsr.config import TSHSRConfig
 
-    readers = {p for p in PRESETS if {"t2i"} <= set(TSHSRConfig.preset(p).streams)
-               and "context" in TSHSRConfig.preset(p).levels}
+    configs = {p: TSHSRConfig.preset(p) for p in PRESETS}
+    readers = {p for p, c in configs.items() if "t2i" in c.streams and "context" in c.levels}
     assert set(CAPTION_CONTEXT) == readers == {"t2i", "tshsr"}  # the list agrees with the presets themselves
     for preset in ("dual", "i2t", "flat", "sgr", "saf"):
         assert recipe(preset, "v10") == recipe(preset, "v9")

@@ -289,10 +289,10 @@ def _architecture_lines(config: TSHSRConfig) -> list[str]:
     if "context" in config.levels and config.context_pooling == "windows":
         lines.append(f"- context units are fixed windows: {config.context_units_text} phrase windows along each "
                      f"caption, {config.context_units_image} neighbourhoods on the image grid")
-    if "context" in config.levels and config.text_context_layer is not None:
+    if config.text_context_layer is not None:
         lines.append(f"- the caption context units pool the text encoder's frozen layer-{config.text_context_layer} "
                      "states through a projection of their own, not the word units of the local level")
-    if "context" in config.levels and config.image_context_stage is not None:
+    if config.image_context_stage is not None:
         lines.append(f"- the image context units pool the backbone's stage-{config.image_context_stage} features "
                      "through a projection of their own, not the region units of the local level")
     if config.level_fusion == "fixed" and config.level_weights is not None:
