@@ -46,6 +46,7 @@ STAGE = ["--image-context-stage", "3"]  # the image context units read Efficient
 VIEWS = ["--augment-views", "2"]  # each step shows each photo as itself, mirrored or cropped (cached views)
 VIEWS4 = ["--augment-views", "4"]  # the mirror and three crops
 LAYER3 = ["--text-context-layer", "3"]  # the caption context units read MiniLM's layer-3 states (of 6)
+LAYER0 = ["--text-context-layer", "0"]  # ... MiniLM's token embeddings (with positions): no attention over the words
 LAYER1 = ["--text-context-layer", "1"]  # ... its layer-1 states: nearly lexical, one attention step over the words
 LAYER5 = ["--text-context-layer", "5"]  # ... its layer-5 states: the frozen input of the trained top layer
 TEXT_TOP = ["--text-finetune-layers", "1"]  # MiniLM's last layer trains (at 0.1x the rate) on cached layer-5 states
@@ -204,6 +205,17 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                                                               "what the local level's trained word vectors carry",
                                                               [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, *LAYER1,
                                                                *VIEWS, *TEXT_TOP]),
+    "detach-skip-separate-windows-ctx0-layer0-views2-text1": ("the layer-3 recipe with MiniLM's token embeddings: "
+                                                              "phrase windows over context-free word vectors, one "
+                                                              "step past layer 1 (the lowest layer had the smallest "
+                                                              "gain from the context path's cut on seed 0)",
+                                                              [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, *LAYER0,
+                                                               *VIEWS, *TEXT_TOP]),
+    "detach-skip-separate-windows-layer1-views2-text1": ("the layer-1 recipe with a score share for the context "
+                                                         "level (equal level weights): layer 1 is the first layer "
+                                                         "whose context path the global node uses, so its own "
+                                                         "score may count too",
+                                                         [*SEPARATE, *WINDOWS, *LAYER1, *VIEWS, *TEXT_TOP]),
     "detach-skip-separate-windows-ctx0-layer5-views2-text1": ("the layer-3 recipe with MiniLM's layer 5, the frozen "
                                                               "input of its trained top layer: the near end, so the "
                                                               "sweep tells whether the layer matters at all",
