@@ -211,6 +211,14 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                                                               "gain from the context path's cut on seed 0)",
                                                               [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, *LAYER0,
                                                                *VIEWS, *TEXT_TOP]),
+    "detach-separate-windows-ctx0-layer0-views2-text1": ("the layer-0 recipe without --context-skip: the context "
+                                                         "level is again the only path between the local and "
+                                                         "global nodes, the hierarchy as TSHSR draws it. With "
+                                                         "layer-0 phrase windows the path no longer gets in the "
+                                                         "global node's way, so the global node may do as well "
+                                                         "reading local evidence through it alone",
+                                                         [*[f for f in SEPARATE if f != "--context-skip"], *WINDOWS,
+                                                          *SCORELESS_CONTEXT, *LAYER0, *VIEWS, *TEXT_TOP]),
     "detach-skip-separate-windows-layer1-views2-text1": ("the layer-1 recipe with a score share for the context "
                                                          "level (equal level weights): layer 1 is the first layer "
                                                          "whose context path the global node uses, so its own "
