@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 from results_md import git_commit, machine, write_section
-from streams_study import (ALIGN_NCE, LAYER3, RUNS_STORE, SCORELESS_CONTEXT, TEXT_TOP, VIEWS, WINDOWS, _history,
-                           _wall_seconds)
+from streams_study import (ALIGN_NCE, LAYER0, LAYER3, RUNS_STORE, SCORELESS_CONTEXT, TEXT_TOP, VIEWS, WINDOWS,
+                           _history, _wall_seconds)
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "ablation_full.jsonl"
@@ -40,6 +40,9 @@ NO_LEVELS = ("dual", "sgr", "saf")  # no levels to fuse or align: the budget alo
 WITH_CONTEXT = ("t2i", "i2t", "tshsr")  # --context-detach and --context-skip need a context level
 CAPTION_CONTEXT = ("t2i", "tshsr")  # a context level whose caption units a stream reads (--text-context-layer)
 # The recipes, newest first. Each maps a preset to the flags it trains with beside BUDGET.
+#   v11: the streams study's "detach-skip-separate-windows-ctx0-layer0-views2-text1": v10 with --text-context-layer 0
+#       (the caption context units pool MiniLM's token embeddings instead of its layer-3 states) on t2i and tshsr;
+#       every other preset keeps v10's flags (and runs).
 #   v10: the streams study's "detach-skip-separate-windows-ctx0-layer3-views2-text1": v9 + --text-context-layer 3
 #       (the caption context units pool MiniLM's frozen layer-3 states) on every preset whose text-to-image stream
 #       has a context level (t2i, tshsr): only that stream reads the caption context units. i2t (whose context
@@ -65,6 +68,7 @@ V5 = {**{p: [*ALIGN_NCE, "--context-detach", "--context-skip"] for p in WITH_CON
 V6 = {**V5, "tshsr": [*V5["tshsr"], "--separate-streams"], "flat": [*ALIGN_NCE, "--separate-streams"]}
 V7 = {**V6, **{p: [*V6[p], *WINDOWS, *SCORELESS_CONTEXT] for p in WITH_CONTEXT}}
 ROUNDS: list[tuple[str, dict[str, list[str]]]] = [
+    ("v11", {p: [*V7.get(p, []), *(LAYER0 if p in CAPTION_CONTEXT else []), *VIEWS, *TEXT_TOP] for p in PRESETS}),
     ("v10", {p: [*V7.get(p, []), *(LAYER3 if p in CAPTION_CONTEXT else []), *VIEWS, *TEXT_TOP] for p in PRESETS}),
     ("v9", {p: [*V7.get(p, []), *VIEWS, *TEXT_TOP] for p in PRESETS}),
     ("v8", {p: [*V7.get(p, []), *TEXT_TOP] for p in PRESETS}),
@@ -82,7 +86,8 @@ TWO_TOWER_DUAL = ("dual-separate", "dual, two towers",
 VIEWS_TWO_TOWER_DUAL = ("dual-separate-views2-text1", "dual, two towers + views + the text layer",
                         "full model > dual encoder with as many towers, the same views and text layer "
                         "(`--preset dual --separate-streams`)")
-CONTROLS = {"v10": VIEWS_TWO_TOWER_DUAL, "v9": VIEWS_TWO_TOWER_DUAL, "v7": TWO_TOWER_DUAL, "v6": TWO_TOWER_DUAL}
+CONTROLS = {"v11": VIEWS_TWO_TOWER_DUAL, "v10": VIEWS_TWO_TOWER_DUAL, "v9": VIEWS_TWO_TOWER_DUAL,
+            "v7": TWO_TOWER_DUAL, "v6": TWO_TOWER_DUAL}
 # Flags that name a run folder beside the preset, so that runs of different recipes never share one. A tag with
 # "{}" takes the flag's value ("--augment-views 4" -> "views4"), so a round that only changes a number gets
 # folders of its own too.
@@ -261,10 +266,10 @@ def summarize(records: list[dict]) -> str:
              f"{machine(threads=False)}. Budget `{' '.join(BUDGET)}`, frozen EfficientNet-Lite0 grid + "
              "all-MiniLM-L6-v2 tokens (from v8 on, MiniLM's last layer trains on cached states of the 5 below; from v9 "
              "on, each training photo is also seen mirrored and cropped, 2 cached views; from v10 on, the caption "
-             "context units read MiniLM's frozen layer 3); the "
+             "context units read MiniLM's frozen layer 3, from v11 on its token embeddings); the "
              "best epoch by validation RSUM is kept (protocol: cosine shortlist + rerank top-20 for every model). "
              "Mean ± half the range over seeds. A run that trains with the same flags in two recipes (dual, sgr, saf "
-             "from v3 to v7 and from v9 to v10; flat from v6 to v7 and from v9 to v10; i2t from v9 to v10) is trained "
+             "from v3 to v7 and from v9 to v11; flat from v6 to v7 and from v9 to v11; i2t from v9 to v11) is trained "
              "once and counted in both tables."]
     for i, (round_, _) in enumerate(ROUNDS):
         title = "current recipe, chosen by the streams study" if i == 0 else "earlier recipe, kept for comparison"

@@ -93,3 +93,21 @@ def test_v10_changes_only_the_presets_whose_t2i_stream_has_a_context_level() -> 
         flags = recipe(preset, "v10")
         assert flags[flags.index("--text-context-layer") + 1] == "3"
         assert [f for f in flags if f not in ("--text-context-layer", "3")] == recipe(preset, "v9")
+
+
+def test_v11_moves_the_caption_context_units_to_the_token_embeddings() -> None:
+    """v11 changes v10 in one value: the caption context units read MiniLM's layer 0 instead of layer 3. Only t2i
+    and tshsr read them, so every other preset keeps v10's runs; tshsr's flags are the streams study's recipe, so its
+    runs are read from the study instead of trained again."""
+    from ablation_full import CAPTION_CONTEXT, recipe
+    from streams_study import RECIPES
+
+    for preset in ("dual", "i2t", "flat", "sgr", "saf"):
+        assert recipe(preset, "v11") == recipe(preset, "v10")
+    for preset in CAPTION_CONTEXT:
+        flags = recipe(preset, "v11")
+        assert flags[flags.index("--text-context-layer") + 1] == "0"
+        v10 = recipe(preset, "v10")
+        assert flags == ["0" if i and v10[i - 1] == "--text-context-layer" else f for i, f in enumerate(v10)]
+    assert ["--preset", "tshsr", *recipe("tshsr", "v11")] == RECIPES[
+        "detach-skip-separate-windows-ctx0-layer0-views2-text1"][1]
