@@ -9,7 +9,9 @@ validation for every model of recipe v8 (docs/STREAMS.md). This script asks why:
 it scores the first ``--train-images`` training images (5 captions each, images the model was
 trained on) and the 1,000 validation images with the full score, its cosine, and the full score
 with the context level cut from the reasoning (``tshsr.analysis.context_cut``), all under the same
-cosine top-K shortlist. If the cut costs RSUM on the training images but gains on validation, the
+cosine top-K shortlist, and the full score with no reasoning step at all
+(``tshsr.analysis.reasoning_off``: every level read out from its nodes as built, no message between
+levels). If the cut costs RSUM on the training images but gains on validation, the
 context path fits the training set rather than something that carries over; a model without a
 context level (flat) gives the train-validation gap the rest of the model has anyway.
 
@@ -30,6 +32,7 @@ from streams_diagnosis import _digest, encode_split
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "context_train_val.jsonl"
+MEASURES = 2  # what a record holds: 1 full, cosine, context cut; 2 also no reasoning (older records are re-measured)
 
 
 def load_records(path: Path = STORE) -> list[dict]:
@@ -38,16 +41,21 @@ def load_records(path: Path = STORE) -> list[dict]:
 
 def measure(model_dir: Path, split_name: str, max_images: int | None, data_dir: str, cache_dir: str,
             rerank_k: int) -> dict:
-    """RSUM of the full score, the cosine and the context knock-out on one split."""
+    """RSUM of the full score, the cosine, the context knock-out and the score with no reasoning step on one
+    split."""
     import torch
 
-    from tshsr.analysis import knockout_metrics, part_metrics
+    from tshsr.analysis import knockout_metrics, part_metrics, reasoning_off
 
     model, split, images, texts = encode_split(model_dir, data_dir, cache_dir, split_name, max_images)
     with torch.no_grad():
         parts = part_metrics(model, images, texts, split.caption_image, rerank_k=rerank_k)
         knocked = knockout_metrics(model, images, texts, split.caption_image, rerank_k=rerank_k)
-    rsum = {"full": parts["full"]["rsum"], "cosine": parts["cosine"]["rsum"]}
+        rsum = {"full": parts["full"]["rsum"], "cosine": parts["cosine"]["rsum"]}
+        with reasoning_off(model) as reasons:
+            if reasons:
+                rsum["no reasoning"] = part_metrics(model, images, texts, split.caption_image,
+                                                    rerank_k=rerank_k)["full"]["rsum"]
     if "without context in reasoning" in knocked:
         rsum["context cut"] = knocked["without context in reasoning"]["rsum"]
     return rsum
@@ -58,15 +66,18 @@ def summarize(records: list[dict]) -> str:
              "Written by `python benchmarks/context_train_val.py`. RSUM (cosine top-K shortlist, the same for every "
              "ranker) of the full score, its cosine and the full score with the context level cut from the "
              "reasoning, on the first training images (seen in training) and on validation 1K. "
-             "Δ cut = context cut − full: positive means the model ranks better without its context path.", "",
-             "| model | split | images | full | cosine | full − cosine | context cut | Δ cut |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Δ cut = context cut − full: positive means the model ranks better without its context path. "
+             "No reasoning: no step of the reasoning graph at all (each level read out from its nodes as built); "
+             "Δ none = no reasoning − full (measured from session 26 on; — where not measured).", "",
+             "| model | split | images | full | cosine | full − cosine | context cut | Δ cut | no reasoning | Δ none |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         s = r["rsum"]
         cut = f"{s['context cut']:.1f}" if "context cut" in s else "—"
         delta = f"{s['context cut'] - s['full']:+.1f}" if "context cut" in s else "—"
+        none = f"{s['no reasoning']:.1f} | {s['no reasoning'] - s['full']:+.1f}" if "no reasoning" in s else "— | —"
         lines.append(f"| {r['name']} | {r['split']} | {r['images']} | {s['full']:.1f} | {s['cosine']:.1f} | "
-                     f"{s['full'] - s['cosine']:+.1f} | {cut} | {delta} |")
+                     f"{s['full'] - s['cosine']:+.1f} | {cut} | {delta} | {none} |")
     if records:
         lines += ["", f"Protocol: cosine top-{records[-1]['rerank_k']} shortlist. Machine: {records[-1]['machine']}. "
                   "Models: " + "; ".join(sorted({f"{r['name']} = `{r['model']}` (weights {r['weights']})"
@@ -99,12 +110,13 @@ def main() -> None:
         for split_name, max_images in (("train", args.train_images), ("validation", None)):
             if split_name not in args.splits:
                 continue
-            if any(r["name"] == name and r["split"] == split_name and r["weights"] == weights for r in records):
+            if any(r["name"] == name and r["split"] == split_name and r["weights"] == weights
+                   and r.get("measures", 1) >= MEASURES for r in records):
                 continue
             start = time.time()
             m = measure(model_dir, split_name, max_images, args.data_dir, args.cache_dir, args.rerank_k)
             record = {"name": name, "model": str(model_dir), "weights": weights, "split": split_name,
-                      "images": max_images or 1000, "rsum": m, "rerank_k": args.rerank_k,
+                      "images": max_images or 1000, "rsum": m, "measures": MEASURES, "rerank_k": args.rerank_k,
                       "seconds": round(time.time() - start), "commit": git_commit(), "machine": machine()}
             records = [r for r in load_records() if not (r["name"] == name and r["split"] == split_name)] + [record]
             STORE.parent.mkdir(parents=True, exist_ok=True)

@@ -409,6 +409,35 @@ def test_context_cut_restores_the_switch_after_an_error(make_model) -> None:
     assert not any(getattr(m, "cut_context", False) for m in model.modules())
 
 
+def test_reasoning_off_reads_every_level_from_its_nodes_as_built_and_restores_the_steps(make_model, regions,
+                                                                                      captions) -> None:
+    from tshsr.analysis import context_cut, reasoning_off
+    from tshsr.heads import HierarchicalReasoning
+
+    for preset in ("tshsr", "flat"):
+        model = make_model(preset)
+        images, texts = _encode(model, regions, captions)
+        steps = [m.steps for m in model.modules() if isinstance(m, HierarchicalReasoning)]
+        with torch.no_grad():
+            before = model.score_encoded(images, texts)
+            with reasoning_off(model) as reasons:
+                off = model.score_encoded(images, texts)
+                if preset == "tshsr":  # with no step, cutting the context path changes nothing more
+                    with context_cut(model):
+                        torch.testing.assert_close(model.score_encoded(images, texts).scores, off.scores)
+            after = model.score_encoded(images, texts)
+        assert reasons and steps and all(n > 0 for n in steps)
+        assert [m.steps for m in model.modules() if isinstance(m, HierarchicalReasoning)] == steps
+        torch.testing.assert_close(after.scores, before.scores)
+        assert not torch.allclose(off.scores, before.scores)
+        torch.testing.assert_close(off.global_similarity, before.global_similarity)  # the cosine is not reasoned
+    with pytest.raises(RuntimeError), reasoning_off(model):
+        raise RuntimeError("boom")
+    assert [m.steps for m in model.modules() if isinstance(m, HierarchicalReasoning)] == steps
+    with reasoning_off(make_model("dual")) as reasons:
+        assert not reasons
+
+
 def test_knockout_metrics_only_for_models_with_a_context_level(make_model, regions, captions) -> None:
     from tshsr.analysis import knockout_metrics
 

@@ -15,7 +15,9 @@ Knock-out (:func:`context_cut`): the same scoring with the context level cut out
 stream's reasoning graph, so that a context level without a score share of its own can still be
 judged by what the global and local levels lose without it. The model was trained with it, so
 this measures reliance, not worth: what a model trained without it (preset ``flat``) reaches is
-the ablation's question.
+the ablation's question. :func:`reasoning_off` goes further: no reasoning step at all, so every
+level is read out from its nodes as built, and the score shows whether the graph's messages carry
+evidence at test time.
 
 Exhaustive scoring ranks all pairs; the two-stage protocol gives every ranker the same shortlist
 (the cosine's top K per image and per caption), reranks it by that ranker and leaves the rest in
@@ -81,6 +83,24 @@ def context_cut(model):
     The switch is restored on exit, also after an error."""
     return _switched_on([m for m in model.modules() if isinstance(m, HierarchicalReasoning) and m.with_context],
                         "cut_context")
+
+
+@contextmanager
+def reasoning_off(model) -> Iterator[bool]:
+    """Within the block, every stream's reasoning graph runs no step (``HierarchicalReasoning.steps``
+    = 0): each level is read out from its similarity nodes as built, so no message passes between
+    levels, the skip edges' included. Yields whether the model reasons at all. It asks whether the
+    graph carries evidence at test time or only shapes the nodes in training. The step counts are
+    restored on exit, also after an error."""
+    graphs = [m for m in model.modules() if isinstance(m, HierarchicalReasoning)]
+    steps = [g.steps for g in graphs]
+    for g in graphs:
+        g.steps = 0
+    try:
+        yield bool(graphs)
+    finally:
+        for g, n in zip(graphs, steps):
+            g.steps = n
 
 
 def context_twin(model):
