@@ -65,50 +65,42 @@ def rankers(contributions: dict[str, torch.Tensor], level_scores: dict[str, torc
 
 
 @contextmanager
-def _switched_on(modules: list, name: str) -> Iterator[bool]:
-    """Within the block, the boolean attribute ``name`` of every module is True; yields whether
-    there are any. Restored to False on exit, also after an error."""
+def _set_within(modules: list, name: str, value) -> Iterator[bool]:
+    """Within the block, the attribute ``name`` of every module is ``value``; yields whether there
+    are any. Each module's own value is restored on exit, also after an error."""
+    before = [getattr(m, name) for m in modules]
     for m in modules:
-        setattr(m, name, True)
+        setattr(m, name, value)
     try:
         yield bool(modules)
     finally:
-        for m in modules:
-            setattr(m, name, False)
+        for m, v in zip(modules, before):
+            setattr(m, name, v)
 
 
 def context_cut(model):
     """Within the block, every stream's reasoning runs with the context level cut out of its graph
     (``HierarchicalReasoning.cut_context``); yields whether the model has such a level at all.
     The switch is restored on exit, also after an error."""
-    return _switched_on([m for m in model.modules() if isinstance(m, HierarchicalReasoning) and m.with_context],
-                        "cut_context")
+    return _set_within([m for m in model.modules() if isinstance(m, HierarchicalReasoning) and m.with_context],
+                       "cut_context", True)
 
 
-@contextmanager
-def reasoning_off(model) -> Iterator[bool]:
+def reasoning_off(model):
     """Within the block, every stream's reasoning graph runs no step (``HierarchicalReasoning.steps``
     = 0): each level is read out from its similarity nodes as built, so no message passes between
     levels, the skip edges' included. Yields whether the model reasons at all. It asks whether the
     graph carries evidence at test time or only shapes the nodes in training. The step counts are
     restored on exit, also after an error."""
-    graphs = [m for m in model.modules() if isinstance(m, HierarchicalReasoning)]
-    steps = [g.steps for g in graphs]
-    for g in graphs:
-        g.steps = 0
-    try:
-        yield bool(graphs)
-    finally:
-        for g, n in zip(graphs, steps):
-            g.steps = n
+    return _set_within([m for m in model.modules() if isinstance(m, HierarchicalReasoning)], "steps", 0)
 
 
 def context_twin(model):
     """Within the block, every stream with a context level reasons each pair twice on the same
     nodes, the second copy with the context path cut (``StreamHead.twin_cut``): pair outputs are
     [2P], full then cut (training: ``tshsr.loss.scores_with_context_cut``). Restored on exit."""
-    return _switched_on([m for m in model.modules() if isinstance(m, StreamHead) and "context" in m.levels],
-                        "twin_cut")
+    return _set_within([m for m in model.modules() if isinstance(m, StreamHead) and "context" in m.levels],
+                       "twin_cut", True)
 
 
 def knockout_metrics(model, images, texts, caption_image, rerank_k: int | None = None,
