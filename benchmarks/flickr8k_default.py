@@ -26,7 +26,7 @@ from streams_study import BUDGET, RECIPES, _wall_seconds, validation_by_epoch  #
 
 # The default model trains with the recipe the streams study chose (benchmarks/streams_study.py),
 # at the study's budget; the dual encoder is its baseline at the same budget.
-DEFAULT_RECIPE = "detach-skip-separate-windows-ctx0-layer3-views2-text1"
+DEFAULT_RECIPE = "detach-skip-separate-windows-ctx0-layer0-views2-text1"
 # The dual encoder with the same encoders, views and trained text layer
 BASELINE_RECIPE = "dual-views2-text1"
 COMMON = ["--dataset", "flickr8k", "--split-val", "validation", *BUDGET, "--seed", "0", "--no-progress"]

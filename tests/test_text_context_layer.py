@@ -167,3 +167,9 @@ def test_the_model_card_says_what_the_caption_context_units_read(layered) -> Non
 
     card = str(model_card(layered.config))
     assert "frozen layer-3 states" in card and "image context units" not in card
+    layered.config.text_context_layer = 0
+    try:
+        card = str(model_card(layered.config))
+    finally:
+        layered.config.text_context_layer = 3
+    assert "token embeddings (layer 0)" in card and "layer-0" not in card

@@ -290,8 +290,10 @@ def _architecture_lines(config: TSHSRConfig) -> list[str]:
         lines.append(f"- context units are fixed windows: {config.context_units_text} phrase windows along each "
                      f"caption, {config.context_units_image} neighbourhoods on the image grid")
     if config.text_context_layer is not None:
-        lines.append(f"- the caption context units pool the text encoder's frozen layer-{config.text_context_layer} "
-                     "states through a projection of their own, not the word units of the local level")
+        states = ("token embeddings (layer 0)" if config.text_context_layer == 0
+                  else f"frozen layer-{config.text_context_layer} states")
+        lines.append(f"- the caption context units pool the text encoder's {states} through a projection of their "
+                     "own, not the word units of the local level")
     if config.image_context_stage is not None:
         lines.append(f"- the image context units pool the backbone's stage-{config.image_context_stage} features "
                      "through a projection of their own, not the region units of the local level")
