@@ -28,7 +28,6 @@ rewritten from the records.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import time
@@ -147,19 +146,9 @@ def summarize(records: list[dict]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR")
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
-    p.add_argument("--cache-dir", default=str(ROOT / "cache" / "features"))
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--summary-only", action="store_true", help="rewrite the RESULTS section from the records")
-    args = p.parse_args()
-    if args.threads:
-        import torch
+    from streams_diagnosis import _digest, model_parser, parse_model_args
 
-        torch.set_num_threads(args.threads)
-    from streams_diagnosis import _digest
-
+    args = parse_model_args(model_parser(__doc__))
     records = load_records()
     for spec in [] if args.summary_only else args.model:
         name, _, directory = spec.partition("=")

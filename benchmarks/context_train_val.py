@@ -22,13 +22,12 @@ already recorded with the same weights is skipped, so a killed run resumes), and
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 from results_md import git_commit, machine, write_section
-from streams_diagnosis import _digest, encode_split
+from streams_diagnosis import _digest, encode_split, model_parser, parse_model_args
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "context_train_val.jsonl"
@@ -86,22 +85,13 @@ def summarize(records: list[dict]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR")
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
-    p.add_argument("--cache-dir", default=str(ROOT / "cache" / "features"))
+    p = model_parser(__doc__)
     p.add_argument("--rerank-k", type=int, default=20)
     p.add_argument("--train-images", type=int, default=1000)
     p.add_argument("--splits", nargs="+", choices=["train", "validation"], default=["train", "validation"],
                    help="which splits to score (validation alone: the knock-out of a new model at the trainer's "
                         "protocol)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--summary-only", action="store_true", help="rewrite the RESULTS section from the records")
-    args = p.parse_args()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    args = parse_model_args(p)
     records = load_records()
     for spec in [] if args.summary_only else args.model:
         name, _, directory = spec.partition("=")

@@ -22,7 +22,6 @@ of docs/RESULTS.md is rewritten from them. Flickr8k validation, 1,000 images / 5
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from results_md import git_commit, machine, write_section
-from streams_diagnosis import _digest, encode_split
+from streams_diagnosis import _digest, encode_split, model_parser, parse_model_args
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "seed_ensemble.jsonl"
@@ -126,18 +125,9 @@ def summarize(records: list[dict]) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help="a model (two or more)")
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
-    p.add_argument("--cache-dir", default=str(ROOT / "cache" / "features"))
+    p = model_parser(__doc__, "a model (two or more)")
     p.add_argument("--rerank-k", type=int, default=50)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--summary-only", action="store_true", help="rewrite the RESULTS section from the records")
-    args = p.parse_args()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    args = parse_model_args(p)
     records = load_records()
     if not args.summary_only:
         if len(args.model) < 2:

@@ -210,24 +210,37 @@ def summarize(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help="model to diagnose (repeatable)")
+def model_parser(doc: str | None, model_help: str = "a model (repeatable)") -> argparse.ArgumentParser:
+    """The arguments of every script here that scores trained models on Flickr8k from the feature
+    cache: --model NAME=DIR (repeatable), --data-dir, --cache-dir, --threads and --summary-only."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help=model_help)
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
-    p.add_argument("--rerank-k", type=int, default=0, help="0: exhaustive; K: same cosine top-K shortlist for all")
     p.add_argument("--cache-dir", default=str(ROOT / "cache" / "features"))
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--summary-only", action="store_true", help="rewrite the RESULTS section from the records")
-    p.add_argument("--spread-only", action="store_true",
-                   help="only measure the context units' spread of already diagnosed models and add it to their records")
-    p.add_argument("--knockout-only", action="store_true",
-                   help="only score already diagnosed models with the context level cut from the reasoning and "
-                        "add that to their records")
+    return p
+
+
+def parse_model_args(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse a :func:`model_parser` command line and apply --threads."""
     args = p.parse_args()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    p = model_parser(__doc__, "model to diagnose (repeatable)")
+    p.add_argument("--rerank-k", type=int, default=0, help="0: exhaustive; K: same cosine top-K shortlist for all")
+    p.add_argument("--spread-only", action="store_true",
+                   help="only measure the context units' spread of already diagnosed models and add it to their records")
+    p.add_argument("--knockout-only", action="store_true",
+                   help="only score already diagnosed models with the context level cut from the reasoning and "
+                        "add that to their records")
+    args = parse_model_args(p)
     records = load_records()
     rerank_k = args.rerank_k or None
     protocol = "exhaustive" if rerank_k is None else f"rerank-{rerank_k}"
