@@ -52,6 +52,7 @@ def query_ranks(s, caption_image: np.ndarray, weights: tuple[float, ...], k: int
     """0-based rank of each image query's best own caption and of each caption query's image, under
     ``full + sum(w * part)`` on the first ``k`` of the shortlisted candidates (``s``: a
     :class:`tshsr.analysis.Shortlisted`, scored at k or more); the rest in cosine order below."""
+    from tshsr.analysis import reranked_matrices
     from tshsr.metrics import retrieval_ranks
 
     def value(side: dict) -> np.ndarray:
@@ -61,14 +62,7 @@ def query_ranks(s, caption_image: np.ndarray, weights: tuple[float, ...], k: int
                 v += w * side[part][:, :k]
         return v
 
-    n_images, n_texts = s.similarity.shape
-    i2t_v, t2i_v = value(s.i2t), value(s.t2i)
-    floor = min(i2t_v.min(), t2i_v.min()) - 1.0
-    low = s.similarity - s.similarity.max() + floor  # cosine order, below every reranked value
-    i2t = low.copy()
-    i2t[np.repeat(np.arange(n_images), k), s.i2t_cols[:, :k].reshape(-1)] = i2t_v.reshape(-1)
-    t2i = low
-    t2i[s.t2i_rows[:, :k].reshape(-1), np.repeat(np.arange(n_texts), k)] = t2i_v.reshape(-1)
+    i2t, t2i = reranked_matrices(s, value(s.i2t), value(s.t2i))
     return retrieval_ranks(i2t, caption_image, t2i)
 
 

@@ -194,19 +194,27 @@ def part_metrics(model, images, texts, caption_image, rerank_k: int | None = Non
         ranked = rankers(out.contributions, out.level_scores, out.stream_scores, out.global_similarity)
         return {name: retrieval_metrics(m.float().cpu().numpy(), caption_image) for name, m in ranked.items()}
     s = shortlisted or shortlisted_values(model, images, texts, rerank_k)
-    n_images, n_texts = s.similarity.shape
-    i2t_rows = np.repeat(np.arange(n_images), s.i2t_cols.shape[1])
-    t2i_cols = np.repeat(np.arange(n_texts), s.t2i_rows.shape[1])
     results = {}
     for name in s.i2t:
-        floor = min(s.i2t[name].min(), s.t2i[name].min()) - 1.0
-        low = s.similarity - s.similarity.max() + floor  # cosine order, below every reranked value
-        i2t = low.copy()
-        i2t[i2t_rows, s.i2t_cols.reshape(-1)] = s.i2t[name].reshape(-1)
-        t2i = low
-        t2i[s.t2i_rows.reshape(-1), t2i_cols] = s.t2i[name].reshape(-1)
+        i2t, t2i = reranked_matrices(s, s.i2t[name], s.t2i[name])
         results[name] = retrieval_metrics(i2t, caption_image, t2i)
     return results
+
+
+def reranked_matrices(s: Shortlisted, i2t_values: np.ndarray, t2i_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two-stage ranking of both directions as dense [n_images, n_texts] score matrices (image
+    queries, caption queries): each query's first k shortlisted candidates carry the given values
+    (``i2t_values`` [n_images, k], ``t2i_values`` [n_texts, k], laid out as in ``s``; k may be fewer
+    than ``s`` holds, the shortlists being in cosine order), the rest stay in cosine order below them."""
+    n_images, n_texts = s.similarity.shape
+    k_t, k_i = i2t_values.shape[1], t2i_values.shape[1]
+    floor = min(i2t_values.min(), t2i_values.min()) - 1.0
+    low = s.similarity - s.similarity.max() + floor  # cosine order, below every reranked value
+    i2t = low.copy()
+    i2t[np.repeat(np.arange(n_images), k_t), s.i2t_cols[:, :k_t].reshape(-1)] = i2t_values.reshape(-1)
+    t2i = low
+    t2i[s.t2i_rows[:, :k_i].reshape(-1), np.repeat(np.arange(n_texts), k_i)] = t2i_values.reshape(-1)
+    return i2t, t2i
 
 
 def stream_agreement(s: Shortlisted, caption_image, streams: tuple[str, str] = ("i2t", "t2i")) -> dict[str, dict]:
