@@ -281,18 +281,25 @@ REFERENCE = ("shipped-v2", "round-1 default: learned softmax weights at x50 rate
 PROTOCOL_K = 50
 
 
-def train(name: str, seed: int, data_dir: str, threads: int | None) -> tuple[Path, float | None]:
-    out = ROOT / "runs" / "streams" / f"{name}-s{seed}"
+def train(name: str, seed: int, data_dir: str, threads: int | None,
+          out: Path | None = None) -> tuple[Path, float | None]:
+    """Train recipe ``name`` with ``seed`` into ``out`` (default runs/streams/NAME-sSEED), resuming a killed run;
+    a finished run (train_args.json is written last) is not trained again."""
+    out = out or ROOT / "runs" / "streams" / f"{name}-s{seed}"
     if (out / "train_args.json").exists():
         return out, _wall_seconds(out)
-    cmd = [sys.executable, "train.py", "--dataset", "flickr8k", "--data-dir", data_dir, "--split-val", "validation",
-           "--output-dir", str(out), "--seed", str(seed), "--no-progress", *BUDGET, *RECIPES[name][1]]
-    if threads:
-        cmd += ["--threads", str(threads)]
+    cmd = train_command(name, seed, data_dir, threads, out)
     if (out / "checkpoint").exists():
         cmd.append("--resume")
     subprocess.run(cmd, cwd=ROOT, check=True)
     return out, _wall_seconds(out)
+
+
+def train_command(name: str, seed: int, data_dir: str, threads: int | None, out: Path) -> list[str]:
+    """The train.py command line of recipe ``name`` at the study's budget."""
+    cmd = [sys.executable, "train.py", "--dataset", "flickr8k", "--data-dir", data_dir, "--split-val", "validation",
+           "--output-dir", str(out), "--seed", str(seed), "--no-progress", *BUDGET, *RECIPES[name][1]]
+    return cmd + (["--threads", str(threads)] if threads else [])
 
 
 def _wall_seconds(out: Path) -> float | None:
