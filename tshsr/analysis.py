@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .encoding import head_inputs
+from .evaluate import place_reranked, shortlist_pairs  # noqa: F401 (shortlist_pairs: part of this module's API)
 from .heads import HierarchicalReasoning, StreamHead
 from .metrics import retrieval_metrics
 
@@ -134,19 +135,6 @@ def _pairs_output(model, images, texts, rows: np.ndarray, cols: np.ndarray) -> d
     return {name: np.concatenate(v) for name, v in values.items()}
 
 
-def shortlist_pairs(similarity: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(i2t rows, i2t cols, t2i rows, t2i cols): each image's top-k captions and each caption's
-    top-k images under ``similarity``."""
-    sim = torch.from_numpy(np.ascontiguousarray(similarity, dtype=np.float64))
-    n_images, n_texts = sim.shape
-    kt, ki = min(k, n_texts), min(k, n_images)
-    i2t_cols = torch.topk(sim, kt, dim=1).indices.numpy().reshape(-1)
-    i2t_rows = np.repeat(np.arange(n_images), kt)
-    t2i_rows = torch.topk(sim, ki, dim=0).indices.numpy().reshape(-1)
-    t2i_cols = np.tile(np.arange(n_texts), ki)
-    return i2t_rows, i2t_cols, t2i_rows, t2i_cols
-
-
 @dataclass
 class Shortlisted:
     """Every ranker's values on the cosine top-K shortlists of both directions (one scoring pass).
@@ -208,13 +196,9 @@ def reranked_matrices(s: Shortlisted, i2t_values: np.ndarray, t2i_values: np.nda
     than ``s`` holds, the shortlists being in cosine order), the rest stay in cosine order below them."""
     n_images, n_texts = s.similarity.shape
     k_t, k_i = i2t_values.shape[1], t2i_values.shape[1]
-    floor = min(i2t_values.min(), t2i_values.min()) - 1.0
-    low = s.similarity - s.similarity.max() + floor  # cosine order, below every reranked value
-    i2t = low.copy()
-    i2t[np.repeat(np.arange(n_images), k_t), s.i2t_cols[:, :k_t].reshape(-1)] = i2t_values.reshape(-1)
-    t2i = low
-    t2i[s.t2i_rows[:, :k_i].reshape(-1), np.repeat(np.arange(n_texts), k_i)] = t2i_values.reshape(-1)
-    return i2t, t2i
+    return place_reranked(
+        s.similarity, (np.repeat(np.arange(n_images), k_t), s.i2t_cols[:, :k_t].reshape(-1)), i2t_values,
+        (s.t2i_rows[:, :k_i].reshape(-1), np.repeat(np.arange(n_texts), k_i)), t2i_values)
 
 
 def stream_agreement(s: Shortlisted, caption_image, streams: tuple[str, str] = ("i2t", "t2i")) -> dict[str, dict]:

@@ -139,6 +139,34 @@ class _PairScores:
         return len(self._keys)
 
 
+def shortlist_pairs(similarity: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(i2t rows, i2t cols, t2i rows, t2i cols): each image's top-k captions and each caption's
+    top-k images under ``similarity``, as flat pair indices (i2t image-major, t2i rank-major)."""
+    sim = torch.from_numpy(np.ascontiguousarray(similarity, dtype=np.float64))
+    n_images, n_texts = sim.shape
+    kt, ki = min(k, n_texts), min(k, n_images)
+    i2t_cols = torch.topk(sim, kt, dim=1).indices.numpy().reshape(-1)
+    i2t_rows = np.repeat(np.arange(n_images), kt)
+    t2i_rows = torch.topk(sim, ki, dim=0).indices.numpy().reshape(-1)
+    t2i_cols = np.tile(np.arange(n_texts), ki)
+    return i2t_rows, i2t_cols, t2i_rows, t2i_cols
+
+
+def place_reranked(similarity: np.ndarray, i2t_pairs: tuple[np.ndarray, np.ndarray], i2t_values: np.ndarray,
+                   t2i_pairs: tuple[np.ndarray, np.ndarray], t2i_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dense ``(image_to_text, text_to_image)`` score matrices of a two-stage ranking: the shortlisted
+    pairs ((rows, cols) per direction) carry their reranked values, every other pair keeps its
+    cosine, shifted below the lowest reranked value so that the shortlisted items come first."""
+    similarity = np.asarray(similarity, dtype=np.float64)
+    floor = min(i2t_values.min(), t2i_values.min()) - 1.0
+    # Shift, not squash: cosine order is kept exactly below every reranked score.
+    low = similarity - similarity.max() + floor
+    image_to_text = low.copy()
+    image_to_text[i2t_pairs] = np.reshape(i2t_values, -1)
+    low[t2i_pairs] = np.reshape(t2i_values, -1)
+    return image_to_text, low
+
+
 def two_stage_matrices(
     global_similarity: np.ndarray, rerank_k: int, full_scores: Callable[[np.ndarray, np.ndarray], np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -150,23 +178,9 @@ def two_stage_matrices(
     directions shortlist different pairs, hence two matrices. ``full_scores(rows, cols)`` scores
     pairs given by row and column index into ``global_similarity``.
     """
-    sim = torch.from_numpy(np.ascontiguousarray(global_similarity, dtype=np.float64))
-    n_images, n_texts = sim.shape
-    k_texts, k_images = min(rerank_k, n_texts), min(rerank_k, n_images)
-    i2t_cols = torch.topk(sim, k_texts, dim=1).indices.numpy()  # [n_images, k]
-    i2t_rows = np.repeat(np.arange(n_images), k_texts)
-    i2t_cols = i2t_cols.reshape(-1)
-    t2i_rows = torch.topk(sim, k_images, dim=0).indices.numpy().reshape(-1)  # [k, n_texts] row-major
-    t2i_cols = np.tile(np.arange(n_texts), k_images)
-    i2t_full = full_scores(i2t_rows, i2t_cols)
-    t2i_full = full_scores(t2i_rows, t2i_cols)
-    floor = min(i2t_full.min(), t2i_full.min()) - 1.0
-    # Shift, not squash: cosine order is kept exactly below every reranked score.
-    low = sim.numpy() - sim.max().item() + floor
-    image_to_text = low.copy()
-    image_to_text[i2t_rows, i2t_cols] = i2t_full
-    low[t2i_rows, t2i_cols] = t2i_full
-    return image_to_text, low
+    i2t_rows, i2t_cols, t2i_rows, t2i_cols = shortlist_pairs(global_similarity, rerank_k)
+    return place_reranked(global_similarity, (i2t_rows, i2t_cols), full_scores(i2t_rows, i2t_cols),
+                          (t2i_rows, t2i_cols), full_scores(t2i_rows, t2i_cols))
 
 
 @dataclass
