@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from results_md import git_commit, machine, write_section
+from streams_study import RECIPES as STUDY_RECIPES
 from streams_study import (ALIGN_NCE, LAYER0, LAYER3, RUNS_STORE, SCORELESS_CONTEXT, TEXT_TOP, VIEWS, WINDOWS,
                            _history, _wall_seconds)
 
@@ -227,6 +228,7 @@ def _round_table(records: list[dict], round_: str) -> list[str]:
     if any("source" in r for r in mine):
         lines += ["", "\\* read from the streams study's record (the same flags and seed; its run folder, with the "
                   "recall@K, was not kept): the recall columns average the other seeds."]
+    same_machine = _same_machine(round_)
     lines += ["", "Seed by seed, RSUM of tshsr minus the other model (a claim holds when tshsr wins on all 3 "
               "paired seeds):"]
     for other, claim in (("t2i", "two streams > text-to-image only"), ("i2t", "two streams > image-to-text only"),
@@ -234,7 +236,11 @@ def _round_table(records: list[dict], round_: str) -> list[str]:
         text, held = paired("tshsr", other)
         verdict = ("not decided yet (tshsr ahead on fewer than 3 paired seeds)" if held is None
                    else "HELD" if held else "NOT held (tshsr is not ahead on every paired seed)")
+        if other == "flat" and same_machine:
+            verdict += " on these runs, which mix CPUs and thread counts (same-machine pairs in the next line)"
         lines.append(f"- {claim}: {verdict}" + (f" — {', '.join(text)}" if text else ""))
+        if other == "flat":
+            lines += same_machine
     dual_gaps = list(gaps_by_seed("tshsr", "dual").values())
     if dual_gaps:  # issue 12 asks for a margin, not just a win
         lines.append(f"- full model ≥ dual encoder + {DUAL_MARGIN:g} RSUM (issue 12's target): on "
@@ -244,6 +250,23 @@ def _round_table(records: list[dict], round_: str) -> list[str]:
                 if ("tshsr", k) in by]
         lines.append(f"- {CONTROLS[round_][2]}: " + (", ".join(gaps) if gaps else "no paired seed yet"))
     return lines
+
+
+def _same_machine(round_: str) -> list[str]:
+    """hierarchical − flat with both runs of a seed on one CPU type and thread count (benchmarks/repeat_runs.py),
+    for the round whose tshsr and flat flags are the recipes that script compares."""
+    from repeat_runs import DEFAULT_RECIPE, FLAT, all_runs, group_margins
+
+    flags = dict(ROUNDS)[round_]
+    pairs = ((DEFAULT_RECIPE, "tshsr"), (FLAT, "flat"))
+    if not all(STUDY_RECIPES[r][1] == ["--preset", p, *flags[p]] for r, p in pairs):
+        return []
+    groups = {g: m for g, m in group_margins(all_runs([DEFAULT_RECIPE, FLAT]), DEFAULT_RECIPE, FLAT).items()
+              if g != "study"}
+    return [f"- hierarchical > flat with both runs of each seed on one CPU type and thread count "
+            f"(`benchmarks/repeat_runs.py`, group {g}): "
+            + ", ".join(f"seed {s}: {m:+.1f}" for s, m in by_seed.items())
+            + f"; ahead on {sum(m > 0 for m in by_seed.values())} of {len(by_seed)}" for g, by_seed in groups.items()]
 
 
 def _control_rsum(round_: str) -> dict[int, float]:

@@ -185,16 +185,13 @@ def summarize(recipes: list[str], runs: list[dict]) -> str:
                          f"| {recipe} | {seed} | {cells} | — |")
     if len(recipes) >= 2:
         a, b = recipes[0], recipes[1]
-        lines += ["", f"Margin of `{a}` over `{b}` (RSUM, seed by seed) within each group that ran both:", "",
-                  "| group | per seed | mean | seeds won |", "|---|---|---|---|"]
-        for group in sorted({r["group"] for r in runs}, key=lambda g: (g != "study", g)):
-            best = {(r["recipe"], r["seed"]): r["best"] for r in runs if r["group"] == group and r["best"] is not None}
-            seeds = sorted(s for (rec, s) in best if rec == a and (b, s) in best)
-            if not seeds:
-                continue
-            margins = [best[(a, s)] - best[(b, s)] for s in seeds]
-            per_seed = ", ".join(f"s{s} {m:+.1f}" for s, m in zip(seeds, margins))
-            lines.append(f"| {group} | {per_seed} | {statistics.mean(margins):+.1f} | "
+        lines += ["", f"Margin of `{a}` over `{b}` (RSUM, seed by seed) within each group that ran both "
+                  "(sd: standard deviation of the margins over seeds):", "",
+                  "| group | per seed | mean | sd | seeds won |", "|---|---|---|---|---|"]
+        for group, by_seed in group_margins(runs, a, b).items():
+            margins = list(by_seed.values())
+            sd = f"{statistics.stdev(margins):.1f}" if len(margins) > 1 else "—"
+            lines.append(f"| {group} | {_per_seed(by_seed)} | {statistics.mean(margins):+.1f} | {sd} | "
                          f"{sum(m > 0 for m in margins)}/{len(margins)} |")
         if spreads:
             lines += ["", f"The same command's spread: {min(spreads):.1f} to {max(spreads):.1f} RSUM over "
@@ -202,6 +199,21 @@ def summarize(recipes: list[str], runs: list[dict]) -> str:
                       "A margin between recipes inside that range, or one whose sign changes between groups, "
                       "is not a result."]
     return "\n".join(lines)
+
+
+def group_margins(runs: list[dict], a: str, b: str) -> dict[str, dict[int, float]]:
+    """{group: {seed: best RSUM of recipe a minus that of b}} over the seeds a group ran both; the study first."""
+    out = {}
+    for group in sorted({r["group"] for r in runs}, key=lambda g: (g != "study", g)):
+        best = {(r["recipe"], r["seed"]): r["best"] for r in runs if r["group"] == group and r["best"] is not None}
+        seeds = sorted(s for (rec, s) in best if rec == a and (b, s) in best)
+        if seeds:
+            out[group] = {s: best[(a, s)] - best[(b, s)] for s in seeds}
+    return out
+
+
+def _per_seed(by_seed: dict[int, float]) -> str:
+    return ", ".join(f"s{s} {m:+.1f}" for s, m in by_seed.items())
 
 
 def all_runs(recipes: list[str]) -> list[dict]:

@@ -29,8 +29,8 @@ def test_spread_and_margins_are_per_command_and_per_group() -> None:
     assert rows["a2"].endswith("| — |")  # one run: no spread
     margins = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| study")
                or line.startswith("| g1")}
-    assert margins["study"] == "| study | s0 +4.0 | +4.0 | 1/1 |"  # seed 2 has no b run in the study
-    assert margins["g1"] == "| g1 | s0 -1.0, s1 +0.5 | -0.2 | 1/2 |"
+    assert margins["study"] == "| study | s0 +4.0 | +4.0 | — | 1/1 |"  # seed 2 has no b run in the study
+    assert margins["g1"] == "| g1 | s0 -1.0, s1 +0.5 | -0.2 | 1.1 | 1/2 |"
     assert "1.0 to 4.0 RSUM over 2 commands" in text
 
 
