@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import statistics
 import subprocess
@@ -38,33 +37,13 @@ import time
 from pathlib import Path
 
 from flickr8k_default import DEFAULT_RECIPE
-from results_md import git_commit, machine, write_section
+from results_md import cpu_tag, git_commit, machine, write_section
 from streams_diagnosis import load_records, store_record
 from streams_study import BUDGET, RECIPES, RUNS_STORE, _history, _wall_seconds, train, train_command
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "repeat_runs.jsonl"
 FLAT = "flat-separate-views2-text1"  # the default recipe without a context level: the hierarchy's control
-
-
-def cpu_tag() -> str:
-    """A short name for this CPU type: vendor and model words, family and model numbers (``amd-epyc-f26m2``).
-    Runs of one command agree only on one CPU type, so a group is named after it."""
-    name, family, model = "cpu", "", ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key, value = key.strip(), value.strip()
-            if key == "model name" and name == "cpu":
-                name = value
-            elif key == "cpu family" and not family:
-                family = value
-            elif key == "model" and not model:
-                model = value
-    except OSError:
-        pass
-    words = [w for w in re.sub(r"\(r\)|\(tm\)|processor|cpu|@.*", " ", name.lower()).split() if w.isalnum()][:2]
-    return "-".join(words or ["cpu"]) + (f"-f{family}m{model}" if family and model else "")
 
 
 def record_of(recipe: str, seed: int, group: str, out: Path, threads: int | None) -> dict:

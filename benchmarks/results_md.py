@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -16,16 +17,35 @@ HEADER = ("# Measured results\n\nEvery section below is written by the script it
           "edit by hand (rerun the script).\n")
 
 
-def machine(threads: bool = True) -> str:
-    """One line naming the machine the numbers come from."""
-    cpu = platform.processor() or platform.machine()
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ("model name", "cpu family", "model"); empty elsewhere."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return fields
+
+
+def cpu_tag() -> str:
+    """A short name for this CPU type: vendor and model words, family and model numbers (``amd-epyc-f26m2``).
+    Training runs of one command agree bit for bit only on one CPU type and thread count."""
+    info = _cpuinfo()
+    name = info.get("model name", "cpu").lower()
+    words = [w for w in re.sub(r"\(r\)|\(tm\)|processor|cpu|@.*", " ", name).split() if w.isalnum()][:2]
+    family, model = info.get("cpu family"), info.get("model")
+    return "-".join(words or ["cpu"]) + (f"-f{family}m{model}" if family and model else "")
+
+
+def machine(threads: bool = True) -> str:
+    """One line naming the machine the numbers come from (with the CPU's family and model: two machines
+    sold under one name can differ)."""
+    info = _cpuinfo()
+    cpu = info.get("model name") or platform.processor() or platform.machine()
+    if info.get("cpu family") and info.get("model"):
+        cpu += f" (family {info['cpu family']}, model {info['model']})"
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"

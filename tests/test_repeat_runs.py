@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the scripts import their siblings
 import repeat_runs  # noqa: E402
+import results_md  # noqa: E402
 
 
 def run(recipe: str, seed: int, group: str, best: float, machine: str = "AMD EPYC, 2 cores") -> dict:
@@ -51,9 +52,9 @@ def test_cpu_tag_names_vendor_family_and_model(tmp_path: Path, monkeypatch: pyte
     real = Path.read_text
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: real(info if str(self) == "/proc/cpuinfo" else self,
                                                                        *a, **k))
-    assert repeat_runs.cpu_tag() == "amd-epyc-f26m2"
+    assert results_md.cpu_tag() == "amd-epyc-f26m2"
     info.write_text("cpu family\t: 6\nmodel\t\t: 143\nmodel name\t: Intel(R) Xeon(R) Processor @ 2.1GHz\n")
-    assert repeat_runs.cpu_tag() == "intel-xeon-f6m143"
+    assert results_md.cpu_tag() == "intel-xeon-f6m143"
 
 
 def log(path: Path, steps: dict[int, float]) -> Path:
