@@ -162,8 +162,8 @@ def summarize(recipes: list[str], runs: list[dict]) -> str:
                 spreads.append(spread)
             lines.append(f"| {recipe} | {seed} | {cells} | {spread:.1f} |" if len(same) > 1 else
                          f"| {recipe} | {seed} | {cells} | — |")
-    if len(recipes) >= 2:
-        a, b = recipes[0], recipes[1]
+    a = recipes[0]
+    for b in recipes[1:]:
         lines += ["", f"Margin of `{a}` over `{b}` (RSUM, seed by seed) within each group that ran both "
                   "(sd: standard deviation of the margins over seeds):", "",
                   "| group | per seed | mean | sd | seeds won |", "|---|---|---|---|---|"]
@@ -172,6 +172,7 @@ def summarize(recipes: list[str], runs: list[dict]) -> str:
             sd = f"{statistics.stdev(margins):.1f}" if len(margins) > 1 else "—"
             lines.append(f"| {group} | {_per_seed(by_seed)} | {statistics.mean(margins):+.1f} | {sd} | "
                          f"{sum(m > 0 for m in margins)}/{len(margins)} |")
+    if len(recipes) >= 2:
         if spreads:
             lines += ["", f"The same command's spread: {min(spreads):.1f} to {max(spreads):.1f} RSUM over "
                       f"{len(spreads)} commands run more than once (median {statistics.median(spreads):.1f}). "
@@ -199,11 +200,20 @@ def all_runs(recipes: list[str]) -> list[dict]:
     return study_runs(recipes) + [r for r in load_records(STORE) if r["recipe"] in recipes]
 
 
+def section(recipes: list[str]) -> str:
+    """The RESULTS section: ``recipes`` and every recipe recorded here before (a run with other recipes keeps
+    the earlier ones' tables), the first compared with each of the others."""
+    recorded = [r["recipe"] for r in load_records(STORE)]
+    everything = list(dict.fromkeys([*recipes, *recorded]))
+    return summarize(everything, all_runs(everything))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
     p.add_argument("--recipes", nargs="+", default=[DEFAULT_RECIPE, FLAT], choices=list(RECIPES),
-                   help="the first two are compared seed by seed (default: the default model's recipe and flat)")
+                   help="the first is compared with each other one, seed by seed (default: the default model's "
+                        "recipe and flat); the section also keeps every recipe recorded before")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=1, help="torch threads per run; part of the group's name")
     p.add_argument("--group", default=None, help="group name (default: this CPU's tag and the thread count)")
@@ -227,8 +237,8 @@ def main() -> int:
                 out = ROOT / "runs" / "repeat" / group / f"{recipe}-s{seed}"
                 train(recipe, seed, args.data_dir, args.threads, out=out)
                 store_record(record_of(recipe, seed, group, out, args.threads), STORE)
-                write_section("repeat_runs", summarize(args.recipes, all_runs(args.recipes)))
-    body = summarize(args.recipes, all_runs(args.recipes))
+                write_section("repeat_runs", section(args.recipes))
+    body = section(args.recipes)
     write_section("repeat_runs", body)
     print(body)
     return 0

@@ -88,3 +88,10 @@ def test_same_numerics_counts_identical_steps_and_rejects_any_difference(tmp_pat
     assert repeat_runs.same_numerics(recipe, 0, 1, "data", reference, steps=30) == 30
     fresh = {10: 11.1, 20: 9.30001, 30: 8.1}
     assert repeat_runs.same_numerics(recipe, 0, 1, "data", reference, steps=30) == 0
+
+
+def test_the_first_recipe_is_compared_with_each_other_one() -> None:
+    runs = [run("a", 0, "g1", 310.0), run("b", 0, "g1", 308.0), run("c", 0, "g1", 290.0)]
+    text = repeat_runs.summarize(["a", "b", "c"], runs)
+    assert "Margin of `a` over `b`" in text and "| g1 | s0 +2.0 | +2.0 | — | 1/1 |" in text
+    assert "Margin of `a` over `c`" in text and "| g1 | s0 +20.0 | +20.0 | — | 1/1 |" in text
