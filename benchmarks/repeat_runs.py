@@ -18,8 +18,12 @@ from those records and the study's own (benchmarks/results/streams_runs.jsonl):
 
 * every run of each (recipe, seed) with the machine and threads it ran on, and the spread
   (largest minus smallest) of the runs of the same command;
-* the margin of the first recipe over the second, seed by seed, within each group that has both
+* the margin of the first recipe over each other one, seed by seed, within each group that has both
   (the study's records are one more "group", mixed machines), beside the spread.
+
+``--adopt RECIPE:SEED=DIR`` records a finished run trained elsewhere (another session's, the study's)
+in this machine's group, after checking that a fresh start of the same command here logs its first
+50 steps bit-identically (training is deterministic on one CPU type and thread count).
 
 The 48 example photos of the demo are never used: everything here is validation RSUM.
 """
@@ -96,7 +100,8 @@ def adopt(recipe: str, seed: int, group: str, run: Path, threads: int, data_dir:
         raise SystemExit(f"{run}: seed {args.get('seed')}, threads {args.get('threads')}; expected {seed}, {threads}")
     checked = same_numerics(recipe, seed, threads, data_dir, run)
     if not checked:
-        raise SystemExit(f"{run}: its first steps differ from this machine's; not adopted into {group}")
+        raise SystemExit(f"{run}: its first steps differ from this machine's (or a fresh start logged none in "
+                         f"15 min); not adopted into {group}")
     record = record_of(recipe, seed, group, run, threads)
     record["adopted"] = {"from": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run),
                          "identical_steps": checked}
