@@ -228,7 +228,6 @@ def _round_table(records: list[dict], round_: str) -> list[str]:
     if any("source" in r for r in mine):
         lines += ["", "\\* read from the streams study's record (the same flags and seed; its run folder, with the "
                   "recall@K, was not kept): the recall columns average the other seeds."]
-    same_machine = _same_machine(round_)
     lines += ["", "Seed by seed, RSUM of tshsr minus the other model (a claim holds when tshsr wins on all 3 "
               "paired seeds):"]
     for other, claim in (("t2i", "two streams > text-to-image only"), ("i2t", "two streams > image-to-text only"),
@@ -236,11 +235,11 @@ def _round_table(records: list[dict], round_: str) -> list[str]:
         text, held = paired("tshsr", other)
         verdict = ("not decided yet (tshsr ahead on fewer than 3 paired seeds)" if held is None
                    else "HELD" if held else "NOT held (tshsr is not ahead on every paired seed)")
-        if other == "flat" and same_machine:
+        same_machine = _same_machine(round_, other) if other in SAME_MACHINE_RECIPES else {}
+        if same_machine:
             verdict += " on these runs, which mix CPUs and thread counts (same-machine pairs in the next line)"
         lines.append(f"- {claim}: {verdict}" + (f" — {', '.join(text)}" if text else ""))
-        if other == "flat":
-            lines += same_machine
+        lines += _same_machine_lines(same_machine, claim)
     dual_gaps = list(gaps_by_seed("tshsr", "dual").values())
     if dual_gaps:  # issue 12 asks for a margin, not just a win
         lines.append(f"- full model ≥ dual encoder + {DUAL_MARGIN:g} RSUM (issue 12's target): on "
@@ -252,21 +251,30 @@ def _round_table(records: list[dict], round_: str) -> list[str]:
     return lines
 
 
-def _same_machine(round_: str) -> list[str]:
-    """hierarchical − flat with both runs of a seed on one CPU type and thread count (benchmarks/repeat_runs.py),
-    for the round whose tshsr and flat flags are the recipes that script compares."""
-    from repeat_runs import DEFAULT_RECIPE, FLAT, all_runs, group_margins
+SAME_MACHINE_RECIPES = {"flat": "flat-separate-views2-text1", "dual": "dual-views2-text1"}
+
+
+def _same_machine(round_: str, other: str) -> dict[str, dict[int, float]]:
+    """{group: {seed: tshsr − other}} with both runs of a seed on one CPU type and thread count
+    (benchmarks/repeat_runs.py), for a round whose tshsr and ``other`` flags are the study recipes that
+    script trained; {} otherwise."""
+    from repeat_runs import DEFAULT_RECIPE, all_runs, group_margins
 
     flags = dict(ROUNDS)[round_]
-    pairs = ((DEFAULT_RECIPE, "tshsr"), (FLAT, "flat"))
-    if not all(STUDY_RECIPES[r][1] == ["--preset", p, *flags[p]] for r, p in pairs):
-        return []
-    groups = {g: m for g, m in group_margins(all_runs([DEFAULT_RECIPE, FLAT]), DEFAULT_RECIPE, FLAT).items()
-              if g != "study"}
-    return [f"- hierarchical > flat with both runs of each seed on one CPU type and thread count "
-            f"(`benchmarks/repeat_runs.py`, group {g}): "
-            + ", ".join(f"seed {s}: {m:+.1f}" for s, m in by_seed.items())
-            + f"; ahead on {sum(m > 0 for m in by_seed.values())} of {len(by_seed)}" for g, by_seed in groups.items()]
+    pairs = ((DEFAULT_RECIPE, "tshsr"), (SAME_MACHINE_RECIPES.get(other), other))
+    if not all(r in STUDY_RECIPES and STUDY_RECIPES[r][1] == ["--preset", p, *flags[p]] for r, p in pairs):
+        return {}
+    recipe = SAME_MACHINE_RECIPES[other]
+    return {g: m for g, m in group_margins(all_runs([DEFAULT_RECIPE, recipe]), DEFAULT_RECIPE, recipe).items()
+            if g != "study"}
+
+
+def _same_machine_lines(groups: dict[str, dict[int, float]], claim: str) -> list[str]:
+    return [f"- {claim} with both runs of each seed on one CPU type and thread count (`benchmarks/repeat_runs.py`, "
+            f"group {g}): " + ", ".join(f"seed {s}: {m:+.1f}" for s, m in by_seed.items())
+            + f"; ahead on {sum(m > 0 for m in by_seed.values())} of {len(by_seed)}"
+            + (f", by ≥ {DUAL_MARGIN:g} on {sum(m >= DUAL_MARGIN for m in by_seed.values())}" if claim.startswith(
+                "full") else "") for g, by_seed in groups.items()]
 
 
 def _control_rsum(round_: str) -> dict[int, float]:
