@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from results_md import git_commit, machine, write_section
+from results_md import git_commit, machine, read_jsonl, replace_jsonl, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "context_share.jsonl"
@@ -45,7 +45,7 @@ SHORTLISTS = (50, 20)
 
 
 def load_records(path: Path = STORE) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    return read_jsonl(path)
 
 
 def query_ranks(s, caption_image: np.ndarray, weights: tuple[float, ...], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,9 +154,7 @@ def main() -> None:
         record = {"name": name, "model": str(model_dir), "weights": weights,
                   "shortlists": measure(model_dir, args.data_dir, args.cache_dir),
                   "seconds": round(time.time() - start), "commit": git_commit(), "machine": machine()}
-        records = [r for r in load_records() if r["name"] != name] + [record]
-        STORE.parent.mkdir(parents=True, exist_ok=True)
-        STORE.write_text("".join(json.dumps(r) + "\n" for r in records))
+        records = replace_jsonl(record, STORE, lambda r: r["name"] == name)
         print(json.dumps({k: record[k] for k in ("name", "shortlists", "seconds")}), flush=True)
     write_section("context_share", summarize(records))
 

@@ -26,7 +26,7 @@ import json
 import time
 from pathlib import Path
 
-from results_md import git_commit, machine, write_section
+from results_md import git_commit, machine, read_jsonl, replace_jsonl, write_section
 from streams_diagnosis import _digest, encode_split, model_parser, parse_model_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ MEASURES = 2  # what a record holds: 1 full, cosine, context cut; 2 also no reas
 
 
 def load_records(path: Path = STORE) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    return read_jsonl(path)
 
 
 def measure(model_dir: Path, split_name: str, max_images: int | None, data_dir: str, cache_dir: str,
@@ -108,9 +108,7 @@ def main() -> None:
             record = {"name": name, "model": str(model_dir), "weights": weights, "split": split_name,
                       "images": max_images or 1000, "rsum": m, "measures": MEASURES, "rerank_k": args.rerank_k,
                       "seconds": round(time.time() - start), "commit": git_commit(), "machine": machine()}
-            records = [r for r in load_records() if not (r["name"] == name and r["split"] == split_name)] + [record]
-            STORE.parent.mkdir(parents=True, exist_ok=True)
-            STORE.write_text("".join(json.dumps(r) + "\n" for r in records))
+            records = replace_jsonl(record, STORE, lambda r: r["name"] == name and r["split"] == split_name)
             print(json.dumps({k: record[k] for k in ("name", "split", "rsum", "seconds")}), flush=True)
             write_section("context_train_val", summarize(records))
     write_section("context_train_val", summarize(records))

@@ -6,15 +6,37 @@ the file is left as it is, so scripts can run in any order and never overwrite e
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"
 HEADER = ("# Measured results\n\nEvery section below is written by the script it names; do not "
           "edit by hand (rerun the script).\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file (one JSON object a line); [] when it does not exist."""
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def write_jsonl(records: list[dict], path: Path) -> list[dict]:
+    """Replace ``path`` with ``records`` atomically (a temporary named after this process, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+    return records
+
+
+def replace_jsonl(record: dict, path: Path, same: Callable[[dict], bool]) -> list[dict]:
+    """Add ``record`` to the file in place of the records ``same`` picks, and return all records. The file
+    is read again just before the write, so that records another process stored meanwhile are kept."""
+    return write_jsonl([r for r in read_jsonl(path) if not same(r)] + [record], path)
 
 
 def _cpuinfo() -> dict[str, str]:

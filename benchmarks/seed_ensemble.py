@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from results_md import git_commit, machine, write_section
+from results_md import git_commit, machine, read_jsonl, replace_jsonl, write_section
 from streams_diagnosis import _digest, encode_split, model_parser, parse_model_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def ensemble(models: dict[str, tuple[Path, str | None]], data_dir: str, cache_di
 
 
 def load_records() -> list[dict]:
-    return [json.loads(x) for x in STORE.read_text().splitlines() if x.strip()] if STORE.exists() else []
+    return read_jsonl(STORE)
 
 
 def summarize(records: list[dict]) -> str:
@@ -139,11 +139,7 @@ def main() -> int:
             p.error("@STREAM needs two-stream models")
         record = ensemble(models, args.data_dir, args.cache_dir, args.rerank_k)
         print(json.dumps({n: m["rsum"] for n, m in record["metrics"].items()}))
-        records = [r for r in load_records() if r["weights"] != record["weights"]] + [record]
-        STORE.parent.mkdir(parents=True, exist_ok=True)
-        tmp = STORE.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(STORE)
+        records = replace_jsonl(record, STORE, lambda r: r["weights"] == record["weights"])
     write_section("seed_ensemble", summarize(records))
     return 0
 

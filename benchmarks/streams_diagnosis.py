@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
-from results_md import git_commit, machine, write_section
+from results_md import git_commit, machine, read_jsonl, replace_jsonl, write_jsonl, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "streams.jsonl"
@@ -50,26 +49,18 @@ def _recorded(records: list[dict], name: str, model_dir: Path, protocol: str | N
 
 
 def load_records(path: Path = STORE) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def store_record(record: dict, path: Path = STORE) -> list[dict]:
     """Add ``record`` to the file (replacing one of the same name and protocol) and return all records.
     The file is read again just before the write, so that records another study process stored while
     this one diagnosed are kept, and it is replaced atomically."""
-    records = [r for r in load_records(path) if not (r["name"] == record["name"] and r["protocol"] == record["protocol"])]
-    records.append(record)
-    return _write(records, path)
+    return replace_jsonl(record, path, lambda r: r["name"] == record["name"] and r["protocol"] == record["protocol"])
 
 
 def _write(records: list[dict], path: Path = STORE) -> list[dict]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
-    return records
+    return write_jsonl(records, path)
 
 
 def encode_split(model_dir: Path, data_dir: str, cache_dir: str, split_name: str = "validation",
