@@ -162,11 +162,10 @@ def summarize(recipes: list[str], runs: list[dict]) -> str:
             if not same:
                 continue
             cells = "; ".join(f"{r['best']:.1f} ({_where(r)}, {r['group']})" for r in same)
-            spread = max(r["best"] for r in same) - min(r["best"] for r in same)
-            if len(same) > 1:
+            spread = max(r["best"] for r in same) - min(r["best"] for r in same) if len(same) > 1 else None
+            if spread is not None:
                 spreads.append(spread)
-            lines.append(f"| {recipe} | {seed} | {cells} | {spread:.1f} |" if len(same) > 1 else
-                         f"| {recipe} | {seed} | {cells} | — |")
+            lines.append(f"| {recipe} | {seed} | {cells} | {'—' if spread is None else f'{spread:.1f}'} |")
     a = recipes[0]
     for b in recipes[1:]:
         lines += ["", f"Margin of `{a}` over `{b}` (RSUM, seed by seed) within each group that ran both "
@@ -177,12 +176,11 @@ def summarize(recipes: list[str], runs: list[dict]) -> str:
             sd = f"{statistics.stdev(margins):.1f}" if len(margins) > 1 else "—"
             lines.append(f"| {group} | {_per_seed(by_seed)} | {statistics.mean(margins):+.1f} | {sd} | "
                          f"{sum(m > 0 for m in margins)}/{len(margins)} |")
-    if len(recipes) >= 2:
-        if spreads:
-            lines += ["", f"The same command's spread: {min(spreads):.1f} to {max(spreads):.1f} RSUM over "
-                      f"{len(spreads)} commands run more than once (median {statistics.median(spreads):.1f}). "
-                      "A margin between recipes inside that range, or one whose sign changes between groups, "
-                      "is not a result."]
+    if len(recipes) >= 2 and spreads:
+        lines += ["", f"The same command's spread: {min(spreads):.1f} to {max(spreads):.1f} RSUM over "
+                  f"{len(spreads)} commands run more than once (median {statistics.median(spreads):.1f}). "
+                  "A margin between recipes inside that range, or one whose sign changes between groups, "
+                  "is not a result."]
     return "\n".join(lines)
 
 
