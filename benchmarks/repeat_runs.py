@@ -43,7 +43,7 @@ from pathlib import Path
 from flickr8k_default import DEFAULT_RECIPE
 from results_md import cpu_tag, git_commit, machine, write_section
 from streams_diagnosis import load_records, store_record
-from streams_study import BUDGET, RECIPES, RUNS_STORE, _history, _wall_seconds, train, train_command
+from streams_study import BUDGET, RECIPES, RUNS_STORE, _history, _wall_seconds, budget_of, train, train_command
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "repeat_runs.jsonl"
@@ -53,7 +53,8 @@ FLAT = "flat-separate-views2-text1"  # the default recipe without a context leve
 def record_of(recipe: str, seed: int, group: str, out: Path, threads: int | None) -> dict:
     history = _history(out)
     return {"name": f"{recipe}-s{seed}@{group}", "protocol": "repeat", "recipe": recipe, "seed": seed,
-            "group": group, "flags": " ".join(RECIPES[recipe][1]), "budget": " ".join(BUDGET), "history": history,
+            "group": group, "flags": " ".join(RECIPES[recipe][1]), "budget": " ".join(budget_of(recipe)),
+            "history": history,
             "best": max(history) if history else None, "seconds": _wall_seconds(out), "threads": threads,
             "cpu": cpu_tag(), "machine": machine(), "commit": git_commit()}
 
@@ -135,7 +136,9 @@ def _where(run: dict) -> str:
     return f"{cpu}, {run.get('threads') or '?'} thr"
 
 
-def summarize(recipes: list[str], runs: list[dict]) -> str:
+def summarize(recipes: list[str], runs: list[dict], pairs: list[tuple[str, str]] | None = None) -> str:
+    """The section's text: every run of ``recipes``, then the margin of a over b for each (a, b) of ``pairs``
+    (default: the first recipe over each other one)."""
     lines = ["## Repeated runs: the same command on other machines, and the margins that survive it", "",
              "Written by `python benchmarks/repeat_runs.py` from benchmarks/results/repeat_runs.jsonl and the streams "
              "study's records. Validation RSUM of the kept epoch (trainer's protocol, cosine top-20), Flickr8k "
@@ -166,8 +169,7 @@ def summarize(recipes: list[str], runs: list[dict]) -> str:
             if spread is not None:
                 spreads.append(spread)
             lines.append(f"| {recipe} | {seed} | {cells} | {'—' if spread is None else f'{spread:.1f}'} |")
-    a = recipes[0]
-    for b in recipes[1:]:
+    for a, b in pairs if pairs is not None else [(recipes[0], b) for b in recipes[1:]]:
         lines += ["", f"Margin of `{a}` over `{b}` (RSUM, seed by seed) within each group that ran both "
                   "(sd: standard deviation of the margins over seeds):", "",
                   "| group | per seed | mean | sd | seeds won |", "|---|---|---|---|---|"]
@@ -203,12 +205,44 @@ def all_runs(recipes: list[str]) -> list[dict]:
     return study_runs(recipes) + [r for r in load_records(STORE) if r["recipe"] in recipes]
 
 
+PRESET_ORDER = {"tshsr": 0, "flat": 1, "dual": 3}  # the hierarchical recipe first, then its controls
+
+
+def _preset(recipe: str) -> str:
+    flags = RECIPES[recipe][1]
+    return flags[flags.index("--preset") + 1] if "--preset" in flags else "tshsr"
+
+
+def _without_budget(recipe: str) -> list[str]:
+    """The recipe's flags less those that set the budget (--epochs, --lr-update, ...)."""
+    flags, names = RECIPES[recipe][1], set(BUDGET[::2])
+    return [f for i, f in enumerate(flags) if f not in names and (i == 0 or flags[i - 1] not in names)]
+
+
+def comparisons(recipes: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(recipes in table order, (a, b) pairs to compare). Recipes are grouped by budget, the shortest first, and
+    within a budget the hierarchical recipe comes before flat and the dual encoder; the first of each budget is
+    compared with each other one of the same budget, and a recipe trained at a longer budget with the same
+    recipe at the study's budget (what the extra epochs gave)."""
+    def epochs(r: str) -> int:
+        b = budget_of(r)
+        return int(b[b.index("--epochs") + 1])
+    ordered = sorted(recipes, key=lambda r: (epochs(r), PRESET_ORDER.get(_preset(r), 2), recipes.index(r)))
+    pairs = []
+    for n in dict.fromkeys(epochs(r) for r in ordered):
+        same = [r for r in ordered if epochs(r) == n]
+        pairs += [(same[0], b) for b in same[1:]]
+    pairs += [(r, base) for r in ordered for base in ordered if budget_of(r) != budget_of(base)
+              and budget_of(base) == BUDGET and _without_budget(r) == RECIPES[base][1]]
+    return ordered, pairs
+
+
 def section(recipes: list[str]) -> str:
     """The RESULTS section: ``recipes`` and every recipe recorded here before (a run with other recipes keeps
-    the earlier ones' tables), the first compared with each of the others."""
+    the earlier ones' tables), compared as `comparisons` pairs them."""
     recorded = [r["recipe"] for r in load_records(STORE)]
-    everything = list(dict.fromkeys([*recipes, *recorded]))
-    return summarize(everything, all_runs(everything))
+    ordered, pairs = comparisons(list(dict.fromkeys([*recipes, *recorded])))
+    return summarize(ordered, all_runs(ordered), pairs)
 
 
 def main() -> int:

@@ -95,3 +95,15 @@ def test_the_first_recipe_is_compared_with_each_other_one() -> None:
     text = repeat_runs.summarize(["a", "b", "c"], runs)
     assert "Margin of `a` over `b`" in text and "| g1 | s0 +2.0 | +2.0 | — | 1/1 |" in text
     assert "Margin of `a` over `c`" in text and "| g1 | s0 +20.0 | +20.0 | — | 1/1 |" in text
+
+
+def test_each_budget_compares_its_hierarchical_recipe_with_its_controls_and_a_longer_budget_with_the_study_s() -> None:
+    v11, flat, dual = repeat_runs.DEFAULT_RECIPE, repeat_runs.FLAT, "dual-views2-text1"
+    ordered, pairs = repeat_runs.comparisons([f"{flat}-e6", v11, flat, dual, f"{v11}-e6"])
+    assert ordered == [v11, flat, dual, f"{v11}-e6", f"{flat}-e6"]  # study budget first; tshsr before its controls
+    assert pairs == [(v11, flat), (v11, dual), (f"{v11}-e6", f"{flat}-e6"), (f"{v11}-e6", v11), (f"{flat}-e6", flat)]
+    assert repeat_runs.budget_of(f"{v11}-e6")[:4] == ["--epochs", "6", "--lr-update", "4"]
+    runs = [run(v11, 0, "g1", 306.4), run(f"{v11}-e6", 0, "g1", 309.0), run(flat, 0, "g1", 307.5)]
+    text = repeat_runs.summarize(ordered, runs, pairs)
+    assert f"Margin of `{v11}-e6` over `{v11}`" in text and "| g1 | s0 +2.6 | +2.6 | — | 1/1 |" in text
+    assert f"Margin of `{v11}` over `{flat}`" in text and "| g1 | s0 -1.1 | -1.1 | — | 0/1 |" in text
