@@ -36,7 +36,7 @@ ALIGN_NCE = [*FIXED, "--aux-level-weight", "0.5", "--level-cosine", "--alignment
 # Twice the epochs (the learning rate drops after 6 instead of 3): the kept recipe was still climbing at epoch 4.
 LONG = ["--epochs", "8", "--lr-update", "6"]
 # Half as many epochs again (the rate drops after 4 instead of 3): with the augmented views the v11 models still
-# climbed 2-12 RSUM in epoch 3 at the full rate, so the study's budget may stop the heads before they use it.
+# climbed 6-13 RSUM in epoch 3 at the full rate, so the study's budget may stop the heads before they use it.
 E6 = ["--epochs", "6", "--lr-update", "4"]
 LITE2 = ["--image-backbone", "tf_efficientnet_lite2"]
 # Recipe v6 (the default model's) and the changes the context-level recipes make to it.
