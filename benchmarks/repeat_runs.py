@@ -142,7 +142,8 @@ def summarize(recipes: list[str], runs: list[dict], pairs: list[tuple[str, str]]
     lines = ["## Repeated runs: the same command on other machines, and the margins that survive it", "",
              "Written by `python benchmarks/repeat_runs.py` from benchmarks/results/repeat_runs.jsonl and the streams "
              "study's records. Validation RSUM of the kept epoch (trainer's protocol, cosine top-20), Flickr8k "
-             "validation 1,000 images / 5,000 captions, the study's budget and flags. A *group* is one CPU type "
+             "validation 1,000 images / 5,000 captions, the study's flags and budget (4 epochs, the rate dropped "
+             "after 3; a recipe named -e6: 6 epochs, the drop after 4). A *group* is one CPU type "
              "(vendor, family, model) and one thread count; `study` is the study's own record of each run, "
              "which landed on whichever machine its session had. `spread` is the largest minus the smallest "
              "result of one command (recipe and seed) over its distinct runs; a run adopted into a group after its "
