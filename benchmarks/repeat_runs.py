@@ -225,13 +225,13 @@ def comparisons(recipes: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     within a budget the hierarchical recipe comes before flat and the dual encoder; the first of each budget is
     compared with each other one of the same budget, and a recipe trained at a longer budget with the same
     recipe at the study's budget (what the extra epochs gave)."""
-    def epochs(r: str) -> int:
+    def budget(r: str) -> tuple:  # (epochs, the whole budget): the shortest first, and two schedules never mixed
         b = budget_of(r)
-        return int(b[b.index("--epochs") + 1])
-    ordered = sorted(recipes, key=lambda r: (epochs(r), PRESET_ORDER.get(_preset(r), 2), recipes.index(r)))
+        return int(b[b.index("--epochs") + 1]), tuple(b)
+    ordered = sorted(recipes, key=lambda r: (budget(r), PRESET_ORDER.get(_preset(r), 2), recipes.index(r)))
     pairs = []
-    for n in dict.fromkeys(epochs(r) for r in ordered):
-        same = [r for r in ordered if epochs(r) == n]
+    for key in dict.fromkeys(budget(r) for r in ordered):
+        same = [r for r in ordered if budget(r) == key]
         pairs += [(same[0], b) for b in same[1:]]
     pairs += [(r, base) for r in ordered for base in ordered if budget_of(r) != budget_of(base)
               and budget_of(base) == BUDGET and _without_budget(r) == RECIPES[base][1]]
