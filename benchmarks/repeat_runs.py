@@ -18,8 +18,10 @@ from those records and the study's own (benchmarks/results/streams_runs.jsonl):
 
 * every run of each (recipe, seed) with the machine and threads it ran on, and the spread
   (largest minus smallest) of the runs of the same command;
-* the margin of the first recipe over each other one, seed by seed, within each group that has both
-  (the study's records are one more "group", mixed machines), beside the spread.
+* margins seed by seed, within each group that has both runs (the study's records are one more
+  "group", mixed machines), beside the spread: for each budget, its hierarchical recipe over each
+  control of the same budget (flat, the dual encoder), and a longer-budget recipe over the same
+  flags at the study's budget (`comparisons`).
 
 ``--adopt RECIPE:SEED=DIR`` records a finished run trained elsewhere (another session's, the study's)
 in this machine's group, after checking that a fresh start of the same command here logs its first
@@ -250,8 +252,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
     p.add_argument("--recipes", nargs="+", default=[DEFAULT_RECIPE, FLAT], choices=list(RECIPES),
-                   help="the first is compared with each other one, seed by seed (default: the default model's "
-                        "recipe and flat); the section also keeps every recipe recorded before")
+                   help="recipes to train (default: the default model's recipe and flat); the section compares "
+                        "each budget's hierarchical recipe with its controls and a longer budget with the study's, "
+                        "over these and every recipe recorded before")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=1, help="torch threads per run; part of the group's name")
     p.add_argument("--group", default=None, help="group name (default: this CPU's tag and the thread count)")
