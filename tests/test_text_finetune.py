@@ -43,6 +43,21 @@ def test_cached_lower_layers_through_the_top_give_the_full_encoder(n_layers):
     torch.testing.assert_close(split, full, atol=1e-5, rtol=1e-5)
 
 
+def test_the_cache_passes_stop_at_their_layer_bit_for_bit():
+    """The feature cache's caption passes (the states below the trained top, a context layer's states) run only the
+    layers they need, and give exactly what the full encoder's hidden states hold: caches written before and after
+    this shortcut are interchangeable, and training on them is reproducible to the bit."""
+    model = precomputed(1, text_context_layer=0)
+    backbone, batch = model.text_backbone, model.processor.tokenize(CAPTIONS)  # captions of different lengths
+    with torch.no_grad():
+        full = backbone.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              output_hidden_states=True).hidden_states
+        for n in range(len(full) - 1):
+            assert torch.equal(backbone.hidden_after(batch["input_ids"], batch["attention_mask"], n), full[n]), n
+        assert torch.equal(backbone.lower(batch["input_ids"], batch["attention_mask"]), full[-2])
+        assert torch.equal(backbone.context_hidden(batch["input_ids"], batch["attention_mask"]), full[0])
+
+
 def test_only_the_top_layers_train_and_are_stored():
     model = precomputed(1)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and n.startswith("text_backbone.")}
