@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 from results_md import git_commit, machine, write_section  # noqa: E402
-from streams_study import BUDGET, RECIPES, _wall_seconds, validation_by_epoch  # noqa: E402
+from streams_study import BUDGET, RECIPES, _wall_seconds, budget_of, validation_by_epoch  # noqa: E402
 
 # The default model trains with the recipe the streams study chose (benchmarks/streams_study.py),
 # at the study's budget; the dual encoder is its baseline at the same budget.
@@ -37,10 +37,27 @@ RUNS = {
 SHIPPED = ("config.json", "model.safetensors", "README.md", "metrics.json")
 
 
+def stale_settings(out: Path, cmd: list[str]) -> dict:
+    """{setting: (the finished run's, the recipe's)} where the run in ``out`` trained with other settings than
+    ``cmd`` asks (paths, threads and progress bars aside): empty when the run is the recipe's."""
+    import dataclasses
+
+    from tshsr_train.args import parse_args
+
+    ran = json.loads((out / "train_args.json").read_text())
+    wanted = dataclasses.asdict(parse_args(cmd[2:]))
+    skip = {"given", "data_dir", "output_dir", "cache_dir", "progress", "threads", "max_val_images", "device"}
+    return {k: (ran.get(k), v) for k, v in wanted.items() if k not in skip and k in ran and ran[k] != v}
+
+
 def train(name: str, data_dir: str, runs: Path) -> tuple[list[str], float | None]:
     out = runs / f"f8k-{name}"
     cmd = [sys.executable, "train.py", "--data-dir", data_dir, "--output-dir", str(out), *COMMON, *RUNS[name]]
     if (out / "train_args.json").exists():
+        differ = stale_settings(out, cmd)
+        if differ:  # a run of an earlier default recipe: never ship or report it as this one
+            raise SystemExit(f"{out} was trained with other settings than the {name} recipe asks (run's, recipe's): "
+                             f"{differ}; move it away (or link the recipe's run there) and run this again")
         return cmd, None
     if (out / "checkpoint").exists():
         cmd.append("--resume")
@@ -134,7 +151,8 @@ def main() -> int:
            in RUNS["tshsr"] else "once; ")
         + ("the training photos also mirrored and cropped, each view cached once; " if "--augment-views"
            in RUNS["tshsr"] else "")
-        + f"recipe `{DEFAULT_RECIPE}` ({RECIPES[DEFAULT_RECIPE][0]}), `{' '.join(BUDGET)}`, Adam 2e-4, seed 0; the "
+        + f"recipe `{DEFAULT_RECIPE}` ({RECIPES[DEFAULT_RECIPE][0]}), `{' '.join(budget_of(DEFAULT_RECIPE))}`, "
+        "Adam 2e-4, seed 0; the "
         f"dual encoder trains with `{BASELINE_RECIPE}` ({RECIPES[BASELINE_RECIPE][0]}); the best epoch by validation "
         "RSUM is kept. Recalls in percent.",
         "",

@@ -111,3 +111,37 @@ def test_v11_moves_the_caption_context_units_to_the_token_embeddings() -> None:
         assert flags == ["0" if i and v10[i - 1] == "--text-context-layer" else f for i, f in enumerate(v10)]
     assert ["--preset", "tshsr", *recipe("tshsr", "v11")] == RECIPES[
         "detach-skip-separate-windows-ctx0-layer0-views2-text1"][1]
+
+
+def test_the_default_model_script_refuses_a_run_of_another_recipe(tmp_path) -> None:
+    """benchmarks/flickr8k_default.py never ships (or reports) a finished run of an earlier default recipe."""
+    import json
+    from dataclasses import asdict
+
+    import flickr8k_default
+
+    cmd = [sys.executable, "train.py", "--data-dir", "d", "--output-dir", str(tmp_path), *flickr8k_default.COMMON,
+           *flickr8k_default.RUNS["dual"]]
+    settings = asdict(parse_args(cmd[2:]))
+    (tmp_path / "train_args.json").write_text(json.dumps({**settings, "threads": 1, "data_dir": "elsewhere"}))
+    assert flickr8k_default.stale_settings(tmp_path, cmd) == {}  # paths and threads do not change the recipe
+    (tmp_path / "train_args.json").write_text(json.dumps({**settings, "epochs": settings["epochs"] + 2}))
+    assert flickr8k_default.stale_settings(tmp_path, cmd) == {"epochs": (settings["epochs"] + 2, settings["epochs"])}
+
+
+def test_train_time_reports_the_default_against_the_target_and_lists_every_timing() -> None:
+    from flickr8k_default import DEFAULT_RECIPE
+    from train_time import report
+
+    def timing(recipe: str, total: float, epochs: list[float], **extra) -> dict:
+        return {"recipe": recipe, "total": total, "setup": 900.0, "epoch_seconds": epochs, "best": 308.04,
+                "shipped": True, "threads": 2, "load_before": 0.1, "busy": [], "machine": "CPU", "commit": "abc",
+                "command": "python train.py", "date": "2026-12-07", **extra}
+
+    candidate = "detach-skip-separate-windows-ctx0-layer0-views2-text1-e6"
+    text = "\n".join(report([timing(DEFAULT_RECIPE, 2496.0, [400.0] * 4),
+                             timing(candidate, 4236.7, [480.0] * 6, shipped=False, note="slow day")]))
+    assert f"The default recipe `{DEFAULT_RECIPE}`" in text and "| **total** | **2496** | **41.6** |" in text
+    assert "| training: 4 epochs + validation after each | 1596 | 26.6 |" in text and "**met**" in text
+    assert f"| `{candidate}` | CPU, 2 | 900 | 480 / 480 / 480 / 480 / 480 / 480 | 70.6 | 308.0 | no; slow day |" in text
+    assert "not the shipped" not in text  # the candidate is listed, never reported as the default
