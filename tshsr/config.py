@@ -47,7 +47,9 @@ class TSHSRConfig:
     stream_fusion: str = "learned"  # "learned" (softmax weights) or "equal" (fixed, cannot collapse)
     level_cosine: bool = False  # local/context levels also carry SCAN's alignment (attended cosine)
     level_fusion: str = "learned"  # "learned" (softmax weights per stream), "equal" (fixed 1/levels) or "fixed"
-    level_weights: tuple[float, ...] | None = None  # level_fusion "fixed": a weight per level, in `levels` order
+    # level_fusion "fixed": a weight per level, in `levels` order, for every stream; or one such set per stream,
+    # in `streams` order (len(levels) x len(streams) values: a level may count in one stream's score only)
+    level_weights: tuple[float, ...] | None = None
     # The reasoning graph also links local and global directly (global gathers the local nodes, local
     # nodes read the global node), so the context level is a path beside local -> global, not between.
     context_skip: bool = False
@@ -148,9 +150,11 @@ class TSHSRConfig:
             bad("level_fusion='fixed' and level_weights go together: one weight per level, in the order of levels")
         if self.level_weights is not None:
             self.level_weights = tuple(float(w) for w in self.level_weights)
-            if len(self.level_weights) != len(self.levels) or min(self.level_weights) < 0 or sum(self.level_weights) <= 0:
+            n, per_stream = len(self.levels), len(self.levels) * len(self.streams)
+            if len(self.level_weights) not in (n, per_stream) or min(self.level_weights) < 0 or any(
+                    sum(self.stream_level_weights(s)) <= 0 for s in self.streams):
                 bad(f"level_weights={self.level_weights} must give one non-negative weight per level {self.levels} "
-                    f"(not all zero)")
+                    f"(not all zero), or one such set per stream {self.streams}, in that order ({per_stream} values)")
         for name in ("embed_dim", "sim_dim", "max_text_length"):
             if getattr(self, name) <= 0:
                 bad(f"{name} must be positive")
@@ -209,6 +213,15 @@ class TSHSRConfig:
     PRESETS = ("tshsr", "flat", "t2i", "i2t", "sgr", "saf", "dual")
 
     # ------------------------------------------------------------------------------------------
+    def stream_level_weights(self, stream: str) -> tuple[float, ...]:
+        """The fixed level weights of ``stream`` (in `levels` order, not normalised): the shared set, or the
+        stream's own where ``level_weights`` gives one set per stream."""
+        weights, n = tuple(self.level_weights or ()), len(self.levels)
+        if len(weights) == n * len(self.streams) and len(self.streams) > 1:
+            start = n * list(self.streams).index(stream)
+            return weights[start:start + n]
+        return weights
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         for key, value in data.items():

@@ -199,8 +199,8 @@ class StreamHead(nn.Module):
         self.twin_cut = False
         if config.level_fusion == "learned":
             self.level_logits = nn.Parameter(torch.zeros(len(self.levels)))
-        total = sum(config.level_weights) if config.level_weights else 0.0
-        self.fixed_level_weights = tuple(w / total for w in config.level_weights) if config.level_weights else None
+        own = config.stream_level_weights(stream) if config.level_weights else ()
+        self.fixed_level_weights = tuple(w / sum(own) for w in own) if own else None
         # The local and context levels also carry SCAN's alignment score (the mean cosine of each
         # query unit with what it attends to), as the global level carries the global cosine.
         self.aligned_levels = tuple(lv for lv in self.levels if lv != "global") if config.level_cosine else ()

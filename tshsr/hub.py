@@ -298,13 +298,17 @@ def _architecture_lines(config: TSHSRConfig) -> list[str]:
         lines.append(f"- the image context units pool the backbone's stage-{config.image_context_stage} features "
                      "through a projection of their own, not the region units of the local level")
     if config.level_fusion == "fixed" and config.level_weights is not None:
-        total = sum(config.level_weights)
-        shares = ", ".join(f"{lv} {w / total:.2f}" for lv, w in zip(config.levels, config.level_weights))
-        # a lower level without a score weight still reaches the score through the global node
-        silent = [lv for lv, w in zip(config.levels, config.level_weights) if w == 0 and lv != "global"]
-        lines.append(f"- fixed level weights in each stream's score: {shares}"
-                     + (f" (the {' and '.join(silent)} {'levels feed' if len(silent) > 1 else 'level feeds'} the "
-                        "global level through the reasoning only)" if silent else ""))
+        sets = {f"the {s} stream": config.stream_level_weights(s) for s in config.streams}
+        if len(set(sets.values())) == 1:
+            sets = {"each stream": next(iter(sets.values()))}
+        for where, weights in sets.items():
+            shares = ", ".join(f"{lv} {w / sum(weights):.2f}" for lv, w in zip(config.levels, weights))
+            # a lower level without a score weight still reaches the score through the global node
+            silent = [lv for lv, w in zip(config.levels, weights) if w == 0 and lv != "global"]
+            feed = "levels feed" if len(silent) > 1 else "level feeds"
+            lines.append(f"- fixed level weights in {where}'s score: {shares}"
+                         + (f" (the {' and '.join(silent)} {feed} the global level through the reasoning only)"
+                            if silent else ""))
     if config.backbone_sha256:
         lines.append("- frozen pretrained backbones are not stored here; they are resolved by name when loading "
                      "(offline PyPI packages first) and checked against the sha256 in config.json.")

@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="level weights within a stream: learned softmax, fixed equal, or fixed as --level-weights")
     g.add_argument("--level-weights", type=float, nargs="+", default=d.level_weights, metavar="W",
                    help="with --level-fusion fixed: a weight per level of the preset, in its order (tshsr: local "
-                        "context global), normalised to sum to 1; a level of weight 0 still feeds the reasoning")
+                        "context global), normalised to sum to 1 in each stream; or one such set per stream, i2t's "
+                        "first (tshsr: 6 values); a level of weight 0 still feeds the reasoning")
     g.add_argument("--level-cosine", action="store_true",
                    help="the local and context levels also carry SCAN's alignment score (mean cosine of each "
                         "unit with what it attends to), as the global level carries the global cosine")
