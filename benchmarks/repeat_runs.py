@@ -224,9 +224,10 @@ def _without_budget(recipe: str) -> list[str]:
 
 def comparisons(recipes: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """(recipes in table order, (a, b) pairs to compare). Recipes are grouped by budget, the shortest first, and
-    within a budget the hierarchical recipe comes before flat and the dual encoder; the first of each budget is
-    compared with each other one of the same budget, and a recipe trained at a longer budget with the same
-    recipe at the study's budget (what the extra epochs gave)."""
+    within a budget the hierarchical recipes come before flat and the dual encoder; each hierarchical recipe is
+    compared with each control of its budget and with the default recipe (or the first hierarchical one) of its
+    budget, and a recipe trained at a longer budget with the same recipe at the study's budget (what the extra
+    epochs gave)."""
     def budget(r: str) -> tuple:  # (epochs, the whole budget): the shortest first, and two schedules never mixed
         b = budget_of(r)
         return int(b[b.index("--epochs") + 1]), tuple(b)
@@ -234,7 +235,13 @@ def comparisons(recipes: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     pairs = []
     for key in dict.fromkeys(budget(r) for r in ordered):
         same = [r for r in ordered if budget(r) == key]
-        pairs += [(same[0], b) for b in same[1:]]
+        # every hierarchical recipe against each control, and against the default recipe (or the first) of its budget
+        hier = sorted((r for r in same if _preset(r) == "tshsr"), key=lambda r: r != DEFAULT_RECIPE)
+        controls = [r for r in same if r not in hier]
+        if not hier:
+            pairs += [(same[0], b) for b in same[1:]]
+        for h in hier:
+            pairs += [(h, c) for c in controls] + ([(h, hier[0])] if h != hier[0] else [])
     pairs += [(r, base) for r in ordered for base in ordered if budget_of(r) != budget_of(base)
               and budget_of(base) == BUDGET and _without_budget(r) == RECIPES[base][1]]
     return ordered, pairs

@@ -107,3 +107,10 @@ def test_each_budget_compares_its_hierarchical_recipe_with_its_controls_and_a_lo
     text = repeat_runs.summarize(ordered, runs, pairs)
     assert f"Margin of `{v11}-e6` over `{v11}`" in text and "| g1 | s0 +2.6 | +2.6 | — | 1/1 |" in text
     assert f"Margin of `{v11}` over `{flat}`" in text and "| g1 | s0 -1.1 | -1.1 | — | 0/1 |" in text
+
+
+def test_a_second_hierarchical_recipe_is_compared_with_the_default_and_the_controls() -> None:
+    v11, flat, dual = repeat_runs.DEFAULT_RECIPE, repeat_runs.FLAT, "dual-views2-text1"
+    other = "detach-skip-separate-windows-i2tctx-layer0-views2-text1"
+    ordered, pairs = repeat_runs.comparisons([other, v11, flat, dual])
+    assert pairs == [(v11, flat), (v11, dual), (other, flat), (other, dual), (other, v11)]
