@@ -47,9 +47,7 @@ class TSHSRConfig:
     stream_fusion: str = "learned"  # "learned" (softmax weights) or "equal" (fixed, cannot collapse)
     level_cosine: bool = False  # local/context levels also carry SCAN's alignment (attended cosine)
     level_fusion: str = "learned"  # "learned" (softmax weights per stream), "equal" (fixed 1/levels) or "fixed"
-    # level_fusion "fixed": a weight per level, in `levels` order, for every stream; or one such set per stream,
-    # in `streams` order (len(levels) x len(streams) values: a level may count in one stream's score only)
-    level_weights: tuple[float, ...] | None = None
+    level_weights: tuple[float, ...] | None = None  # "fixed" fusion: a weight per level, or a set per stream
     # The reasoning graph also links local and global directly (global gathers the local nodes, local
     # nodes read the global node), so the context level is a path beside local -> global, not between.
     context_skip: bool = False
@@ -214,8 +212,7 @@ class TSHSRConfig:
 
     # ------------------------------------------------------------------------------------------
     def stream_level_weights(self, stream: str) -> tuple[float, ...]:
-        """The fixed level weights of ``stream`` (in `levels` order, not normalised): the shared set, or the
-        stream's own where ``level_weights`` gives one set per stream."""
+        """``stream``'s fixed level weights (`levels` order): the shared set, or its own (one set per stream)."""
         weights, n = tuple(self.level_weights or ()), len(self.levels)
         if len(weights) == n * len(self.streams) and len(self.streams) > 1:
             start = n * list(self.streams).index(stream)
