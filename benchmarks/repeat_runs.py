@@ -45,7 +45,8 @@ from pathlib import Path
 from flickr8k_default import DEFAULT_RECIPE
 from results_md import cpu_tag, git_commit, machine, write_section
 from streams_diagnosis import load_records, store_record
-from streams_study import BUDGET, RECIPES, RUNS_STORE, _history, _wall_seconds, budget_of, train, train_command
+from streams_study import (BUDGET, RECIPES, RUNS_STORE, _history, _wall_seconds, budget_of, epochs_of, flag_value,
+                           train, train_command)
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "repeat_runs.jsonl"
@@ -212,8 +213,7 @@ PRESET_ORDER = {"tshsr": 0, "flat": 1, "dual": 3}  # the hierarchical recipe fir
 
 
 def _preset(recipe: str) -> str:
-    flags = RECIPES[recipe][1]
-    return flags[flags.index("--preset") + 1] if "--preset" in flags else "tshsr"
+    return flag_value(RECIPES[recipe][1], "--preset") or "tshsr"
 
 
 def _without_budget(recipe: str) -> list[str]:
@@ -229,8 +229,7 @@ def comparisons(recipes: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     budget, and a recipe trained at a longer budget with the same recipe at the study's budget (what the extra
     epochs gave)."""
     def budget(r: str) -> tuple:  # (epochs, the whole budget): the shortest first, and two schedules never mixed
-        b = budget_of(r)
-        return int(b[b.index("--epochs") + 1]), tuple(b)
+        return epochs_of(r), tuple(budget_of(r))
     ordered = sorted(recipes, key=lambda r: (budget(r), PRESET_ORDER.get(_preset(r), 2), recipes.index(r)))
     pairs = []
     for key in dict.fromkeys(budget(r) for r in ordered):

@@ -322,14 +322,23 @@ def train(name: str, seed: int, data_dir: str, threads: int | None,
     return out, _wall_seconds(out)
 
 
+def flag_value(flags: list[str], name: str) -> str | None:
+    """The value ``flags`` give option ``name`` (None when they do not set it)."""
+    return flags[flags.index(name) + 1] if name in flags else None
+
+
 def budget_of(name: str) -> list[str]:
     """The study's budget as recipe ``name`` trains it: BUDGET with the recipe's own values of the same flags
     (e.g. the -e6 and long recipes' --epochs and --lr-update), which come later on the command line and win."""
     flags, budget = RECIPES[name][1], list(BUDGET)
     for i in range(0, len(budget), 2):
-        if budget[i] in flags:
-            budget[i + 1] = flags[flags.index(budget[i]) + 1]
+        budget[i + 1] = flag_value(flags, budget[i]) or budget[i + 1]
     return budget
+
+
+def epochs_of(name: str) -> int:
+    """The epochs recipe ``name`` trains for (its own, else the study's)."""
+    return int(flag_value(budget_of(name), "--epochs"))
 
 
 def train_command(name: str, seed: int, data_dir: str, threads: int | None, out: Path) -> list[str]:

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from flickr8k_default import COMMON, DEFAULT_RECIPE  # noqa: E402
 from results_md import git_commit, machine, read_jsonl, write_jsonl, write_section  # noqa: E402
-from streams_study import RECIPES, budget_of  # noqa: E402
+from streams_study import RECIPES, epochs_of, flag_value  # noqa: E402
 
 STORE = ROOT / "benchmarks" / "results" / "train_time.jsonl"
 TARGET_MIN = 60
@@ -121,36 +121,30 @@ def main() -> int:
             timing["note"] = args.note
             (out / "timing.json").write_text(json.dumps(timing, indent=1))
         record = record_of(timing, model_dir)
-        records = [r for r in read_jsonl(STORE) if (r["recipe"], r["command"], round(r["total"])) !=
-                   (record["recipe"], record["command"], round(record["total"]))]
-        write_jsonl([*records, record], STORE)
+        records = read_jsonl(STORE)
+        same = [i for i, r in enumerate(records) if (r["recipe"], r["command"], round(r["total"])) ==
+                (record["recipe"], record["command"], round(record["total"]))]
+        if same:  # recorded before: updated where it stands, so that the list stays in the order timings were made
+            records[same[0]] = record
+        else:
+            records.append(record)
+        write_jsonl(records, STORE)
     body = "\n".join(report(read_jsonl(STORE)))
     print(body)
     write_section("train_time", body)
     return 0
 
 
-def _flag(recipe: str, name: str) -> str | None:
-    """The value a recipe gives a flag (None when it does not set it)."""
-    flags = RECIPES[recipe][1]
-    return flags[flags.index(name) + 1] if name in flags else None
-
-
 def _views(recipe: str) -> str:
     """The augmented views the setup also caches, in words (empty when the recipe has none)."""
-    n = _flag(recipe, "--augment-views")
+    n = flag_value(RECIPES[recipe][1], "--augment-views")
     return f" (+ {n} augmented views of each of the 6,000 training photos)" if n else ""
 
 
 def _caption_layer(recipe: str) -> str:
     """The extra caption states the setup caches, in words (empty when the recipe reads none)."""
-    layer = _flag(recipe, "--text-context-layer")
+    layer = flag_value(RECIPES[recipe][1], "--text-context-layer")
     return f" (+ their layer-{layer} states for the context units)" if layer else ""
-
-
-def _epochs(recipe: str) -> int:
-    budget = budget_of(recipe)
-    return int(budget[budget.index("--epochs") + 1])
 
 
 def report(records: list[dict]) -> list[str]:
@@ -173,7 +167,7 @@ def report(records: list[dict]) -> list[str]:
             "|---|---|---|",
             f"| setup: data, model, caching the backbone features of 7,000 photos{_views(r['recipe'])} and 35,000 "
             f"captions{_caption_layer(r['recipe'])} | {setup:.0f} | {setup / 60:.1f} |",
-            f"| training: {_epochs(r['recipe'])} epochs + validation after each | {total - setup:.0f} | "
+            f"| training: {epochs_of(r['recipe'])} epochs + validation after each | {total - setup:.0f} | "
             f"{(total - setup) / 60:.1f} |",
             f"| **total** | **{total:.0f}** | **{total / 60:.1f}** |",
             "",

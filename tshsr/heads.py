@@ -199,7 +199,7 @@ class StreamHead(nn.Module):
         self.twin_cut = False
         if config.level_fusion == "learned":
             self.level_logits = nn.Parameter(torch.zeros(len(self.levels)))
-        own = config.stream_level_weights(stream) if config.level_weights else ()
+        own = config.stream_level_weights(stream)  # () without fixed weights
         self.fixed_level_weights = tuple(w / sum(own) for w in own) if own else None
         # The local and context levels also carry SCAN's alignment score (the mean cosine of each
         # query unit with what it attends to), as the global level carries the global cosine.
