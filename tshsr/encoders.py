@@ -168,8 +168,18 @@ class TimmImageBackbone(nn.Module):
                                  f"(0 to {len(stages) - 1})")
             self.context_dim = int(stages[context_stage]["num_chs"])
             self._stage_name = stages[context_stage]["module"]
+        self.channels_last = False
+
+    def set_channels_last(self, on: bool = True) -> None:
+        """Run the network in the channels-last memory layout: on CPU the EfficientNet-Lite forward is 1.6-1.9x
+        faster (2 threads), and its features differ only by float rounding (up to 4e-5; about 0.2 % of a float16
+        cache's entries), so the feature cache keeps them apart (:func:`tshsr.features.feature_key`)."""
+        self.channels_last = bool(on)
+        self.model.to(memory_format=torch.channels_last if on else torch.contiguous_format)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         captured, hook = [], None
         if self._stage_name is not None:
             hook = self.model.get_submodule(self._stage_name).register_forward_hook(

@@ -56,6 +56,16 @@ def backbone_key(config) -> dict:
     return key
 
 
+def feature_key(model) -> dict:
+    """:func:`backbone_key` of the model's config, plus the image backbone's memory layout when it runs
+    channels-last (``set_channels_last``): its features differ from the default layout's by float rounding, so
+    the two never share an entry of images."""
+    key = backbone_key(model.config)
+    if getattr(model.image_backbone, "channels_last", False):
+        key["channels_last"] = True
+    return key
+
+
 @dataclass
 class CachedFeatures:
     """Memory-mapped features of one split: image regions and caption tokens with masks."""
@@ -157,7 +167,7 @@ def _cache_split(model, images, captions, image_ids, caption_image, cache_dir, i
                  text_batch_size: int, progress: bool) -> Path:
     """The folder of the split's entry (images and word features), filled where it is not yet."""
     config = model.config
-    key_data = {"backbone": backbone_key(config), "data": content_key(image_ids, captions, caption_image)}
+    key_data = {"backbone": feature_key(model), "data": content_key(image_ids, captions, caption_image)}
     directory, state = _entry(cache_dir, key_data)
     if state.get("complete"):
         return directory

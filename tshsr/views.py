@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .features import _entry, _fill, _image_shape, _write_json, backbone_key, content_key
+from .features import _entry, _fill, _image_shape, _write_json, content_key, feature_key
 from .processing import load_image
 
 CROP_SCALE = (0.5, 1.0)  # fraction of the photo's area a crop keeps
@@ -95,7 +95,7 @@ def cache_image_view(model, images: Sequence, image_ids: Sequence[str], view: st
     once and reused; an interrupted pass resumes where it stopped."""
     if model.config.image_encoder != "timm":
         raise ValueError("augmented views need images and a timm backbone, not precomputed region features")
-    key_data = {"backbone": backbone_key(model.config), "data": content_key(image_ids, [], []), "view": view}
+    key_data = {"backbone": feature_key(model), "data": content_key(image_ids, [], []), "view": view}
     directory, state = _entry(cache_dir, key_data)
     if not state.get("complete"):
         seen = ViewImages(images, image_ids, view)

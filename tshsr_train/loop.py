@@ -238,6 +238,10 @@ def _start(args: TrainArgs) -> _Run:
     if args.context_gain_weight > 0 and args.context_path_dropout > 0:
         raise SystemExit("--context-gain-weight and --context-path-dropout do not combine: a step with the context "
                          "path cut has no context gain to train")
+    if args.channels_last:
+        if model.config.image_encoder != "timm" or args.finetune_image:
+            raise SystemExit("--channels-last is for caching the features of a frozen timm image backbone")
+        model.image_backbone.set_channels_last()
     model.train()
     progress = args.progress and rank == 0
     train_source = BatchSource(model, train_split, args.cache_dir, progress)

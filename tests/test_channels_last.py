@@ -1,0 +1,65 @@
+"""--channels-last: the image backbone caches its features in the channels-last memory layout (faster
+on CPU), and the cache keeps those features apart from the default layout's, which differ by float
+rounding.
+
+The models use EfficientNet-Lite0 with random weights and the BiGRU text encoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.test_train import data, run, train_cmd  # noqa: F401  (the precomp fixture)
+from tshsr import TSHSRConfig, TSHSRModel
+from tshsr.features import backbone_key, cache_features, feature_key
+from tshsr.views import cache_image_view
+from tshsr_train.args import parse_args
+
+
+def _model(vocab) -> TSHSRModel:
+    torch.manual_seed(0)
+    config = TSHSRConfig.preset("flat", text_encoder="bigru", vocab_size=len(vocab), embed_dim=32, sim_dim=16,
+                                image_size=96)
+    return TSHSRModel(config, vocabulary=vocab, pretrained_backbones=False).eval()
+
+
+@pytest.fixture()
+def photos() -> list[Image.Image]:
+    rng = np.random.default_rng(1)
+    return [Image.fromarray(rng.integers(0, 255, size=(70, 90, 3), dtype=np.uint8)) for _ in range(3)]
+
+
+def test_the_features_are_the_default_layouts_up_to_rounding(vocab, photos) -> None:
+    model = _model(vocab)
+    expected, mask = model.image_features(photos)
+    model.image_backbone.set_channels_last()
+    got, got_mask = model.image_features(photos)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got_mask, mask)
+    model.image_backbone.set_channels_last(False)  # and back: the default layout's features exactly
+    assert torch.equal(model.image_features(photos)[0], expected)
+
+
+def test_the_cache_keeps_the_layouts_apart(vocab, photos, tmp_path) -> None:
+    model = _model(vocab)
+    assert feature_key(model) == backbone_key(model.config)  # the default layout keeps its existing entries
+    ids, captions, owners = ["a", "b", "c"], ["a dog runs", "a cat sits", "two birds"], [0, 1, 2]
+    plain = cache_features(model, photos, captions, ids, owners, tmp_path, progress=False)
+    model.image_backbone.set_channels_last()
+    assert feature_key(model) == {**backbone_key(model.config), "channels_last": True}
+    fast = cache_features(model, photos, captions, ids, owners, tmp_path, progress=False)
+    assert fast.directory != plain.directory  # an entry of its own, not the default layout's reused
+    np.testing.assert_allclose(fast.images.astype(np.float32), plain.images.astype(np.float32), rtol=2e-3, atol=2e-3)
+    cache_image_view(model, photos, ids, "hflip", tmp_path, progress=False)
+    model.image_backbone.set_channels_last(False)
+    cache_image_view(model, photos, ids, "hflip", tmp_path, progress=False)
+    assert len(list(tmp_path.iterdir())) == 4  # the split and the mirror, once in each layout
+
+
+def test_the_flag_needs_a_timm_backbone(data, tmp_path) -> None:  # noqa: F811
+    assert parse_args(["--channels-last"]).channels_last and not parse_args([]).channels_last
+    result = run(train_cmd(data, tmp_path / "run", "--epochs", "1", "--channels-last"))
+    assert result.returncode != 0 and "--channels-last is for" in result.stderr
