@@ -50,6 +50,8 @@ from streams_study import (BUDGET, RECIPES, RUNS_STORE, _history, _wall_seconds,
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "repeat_runs.jsonl"
+BACKBONE = "--image-backbone"
+SWITCHES = ("--channels-last",)  # how the backbone's features are computed, not what the recipe is
 FLAT = "flat-separate-views2-text1"  # the default recipe without a context level: the hierarchy's control
 
 
@@ -216,33 +218,37 @@ def _preset(recipe: str) -> str:
     return flag_value(RECIPES[recipe][1], "--preset") or "tshsr"
 
 
-def _without_budget(recipe: str) -> list[str]:
-    """The recipe's flags less those that set the budget (--epochs, --lr-update, ...)."""
-    flags, names = RECIPES[recipe][1], set(BUDGET[::2])
-    return [f for i, f in enumerate(flags) if f not in names and (i == 0 or flags[i - 1] not in names)]
+def _without_budget(recipe: str, drop: tuple[str, ...] = ()) -> list[str]:
+    """The recipe's flags less those that set the budget (--epochs, --lr-update, ...) and the options ``drop``
+    (with their values; SWITCHES have none)."""
+    flags, names = RECIPES[recipe][1], set(BUDGET[::2]) | set(drop)
+    valued = names - set(SWITCHES)
+    return [f for i, f in enumerate(flags) if f not in names and (i == 0 or flags[i - 1] not in valued)]
 
 
 def comparisons(recipes: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """(recipes in table order, (a, b) pairs to compare). Recipes are grouped by budget, the shortest first, and
-    within a budget the hierarchical recipes come before flat and the dual encoder; each hierarchical recipe is
-    compared with each control of its budget and with the default recipe (or the first hierarchical one) of its
-    budget, and a recipe trained at a longer budget with the same recipe at the study's budget (what the extra
-    epochs gave)."""
-    def budget(r: str) -> tuple:  # (epochs, the whole budget): the shortest first, and two schedules never mixed
-        return epochs_of(r), tuple(budget_of(r))
-    ordered = sorted(recipes, key=lambda r: (budget(r), PRESET_ORDER.get(_preset(r), 2), recipes.index(r)))
+    """(recipes in table order, (a, b) pairs to compare). Recipes are grouped by budget and image backbone, the
+    shortest budget and the default backbone first, and within a group the hierarchical recipes come before flat
+    and the dual encoder; each hierarchical recipe is compared with each control of its group and with the default
+    recipe (or the first hierarchical one) of its group, and a recipe trained at a longer budget or on another
+    backbone with the same recipe at the study's budget on the default backbone (what the extra epochs or the
+    other backbone gave)."""
+    def variant(r: str) -> tuple:  # (epochs, the whole budget, backbone): two schedules or backbones never mixed
+        return epochs_of(r), tuple(budget_of(r)), flag_value(RECIPES[r][1], BACKBONE) or ""
+    ordered = sorted(recipes, key=lambda r: (variant(r), PRESET_ORDER.get(_preset(r), 2), recipes.index(r)))
     pairs = []
-    for key in dict.fromkeys(budget(r) for r in ordered):
-        same = [r for r in ordered if budget(r) == key]
-        # every hierarchical recipe against each control, and against the default recipe (or the first) of its budget
+    for key in dict.fromkeys(variant(r) for r in ordered):
+        same = [r for r in ordered if variant(r) == key]
+        # every hierarchical recipe against each control, and against the default recipe (or the first) of its group
         hier = sorted((r for r in same if _preset(r) == "tshsr"), key=lambda r: r != DEFAULT_RECIPE)
         controls = [r for r in same if r not in hier]
         if not hier:
             pairs += [(same[0], b) for b in same[1:]]
         for h in hier:
             pairs += [(h, c) for c in controls] + ([(h, hier[0])] if h != hier[0] else [])
-    pairs += [(r, base) for r in ordered for base in ordered if budget_of(r) != budget_of(base)
-              and budget_of(base) == BUDGET and _without_budget(r) == RECIPES[base][1]]
+    pairs += [(r, base) for r in ordered for base in ordered if variant(r) != variant(base)
+              and budget_of(base) == BUDGET and BACKBONE not in RECIPES[base][1]
+              and _without_budget(r, (BACKBONE, *SWITCHES)) == RECIPES[base][1]]
     return ordered, pairs
 
 

@@ -114,3 +114,12 @@ def test_a_second_hierarchical_recipe_is_compared_with_the_default_and_the_contr
     other = "detach-skip-separate-windows-i2tctx-layer0-views2-text1"
     ordered, pairs = repeat_runs.comparisons([other, v11, flat, dual])
     assert pairs == [(v11, flat), (v11, dual), (other, flat), (other, dual), (other, v11)]
+
+
+def test_another_backbone_is_compared_with_its_own_controls_and_with_the_same_recipe_on_the_default_one() -> None:
+    v11, flat, dual = repeat_runs.DEFAULT_RECIPE, repeat_runs.FLAT, "dual-views2-text1"
+    lite2 = [f"{v11}-lite2", f"{flat}-lite2", f"{dual}-lite2"]
+    ordered, pairs = repeat_runs.comparisons([*lite2, v11, flat, dual])
+    assert ordered == [v11, flat, dual, *lite2]  # the default backbone first; each backbone's tshsr before its controls
+    assert pairs == [(v11, flat), (v11, dual), (lite2[0], lite2[1]), (lite2[0], lite2[2]),  # never across backbones,
+                     (lite2[0], v11), (lite2[1], flat), (lite2[2], dual)]  # but each recipe against its Lite0 self
