@@ -194,6 +194,14 @@ class _Run:
         save_checkpoint(self.out / "checkpoint", self.model, self.optimizer, self.state)
 
 
+def _use_channels_last(model: TSHSRModel, args: TrainArgs) -> None:
+    """``--channels-last``: the frozen timm CNN computes the features to cache in channels-last layout."""
+    if args.channels_last:
+        if model.config.image_encoder != "timm" or args.finetune_image:
+            raise SystemExit("--channels-last is for caching the features of a frozen timm image backbone")
+        model.image_backbone.set_channels_last()
+
+
 def _start(args: TrainArgs) -> _Run:
     """Device, process group, data, model, optimizer, and the state of a resumed run."""
     from tshsr.data import load_split_from_args
@@ -238,10 +246,7 @@ def _start(args: TrainArgs) -> _Run:
     if args.context_gain_weight > 0 and args.context_path_dropout > 0:
         raise SystemExit("--context-gain-weight and --context-path-dropout do not combine: a step with the context "
                          "path cut has no context gain to train")
-    if args.channels_last:
-        if model.config.image_encoder != "timm" or args.finetune_image:
-            raise SystemExit("--channels-last is for caching the features of a frozen timm image backbone")
-        model.image_backbone.set_channels_last()
+    _use_channels_last(model, args)
     model.train()
     progress = args.progress and rank == 0
     train_source = BatchSource(model, train_split, args.cache_dir, progress)
