@@ -66,7 +66,8 @@ def _write(records: list[dict], path: Path = STORE) -> list[dict]:
 def encode_split(model_dir: Path, data_dir: str, cache_dir: str, split_name: str = "validation",
                  max_images: int | None = None):
     """(model, split, image encoding, text encoding) of a Flickr8k split (default: validation),
-    from the feature cache; ``max_images`` keeps the split's first images."""
+    from the feature cache; ``max_images`` keeps the split's first images. A run trained with
+    ``--channels-last`` reads the features it trained on (that layout's cache entries)."""
     import torch
 
     from tshsr import TSHSRModel
@@ -74,6 +75,9 @@ def encode_split(model_dir: Path, data_dir: str, cache_dir: str, split_name: str
     from tshsr_train.loop import BatchSource, encode_source
 
     model = TSHSRModel.from_pretrained(model_dir)
+    train_args = Path(model_dir) / "train_args.json"
+    if train_args.exists() and json.loads(train_args.read_text()).get("channels_last"):
+        model.image_backbone.set_channels_last()
     split = load_split("imagefolder", split_name, data_dir=data_dir, max_images=max_images)
     source = BatchSource(model, split, cache_dir, progress=True)
     images, texts = encode_source(model, source, torch.device("cpu"))

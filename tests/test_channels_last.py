@@ -63,3 +63,24 @@ def test_the_flag_needs_a_timm_backbone(data, tmp_path) -> None:  # noqa: F811
     assert parse_args(["--channels-last"]).channels_last and not parse_args([]).channels_last
     result = run(train_cmd(data, tmp_path / "run", "--epochs", "1", "--channels-last"))
     assert result.returncode != 0 and "--channels-last is for" in result.stderr
+
+
+def test_the_diagnosis_reads_the_features_a_channels_last_run_trained_on(vocab, tmp_path, monkeypatch) -> None:
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import streams_diagnosis
+    import tshsr.data
+    import tshsr_train.loop
+
+    _model(vocab).save_pretrained(tmp_path)
+    seen = []
+    monkeypatch.setattr(tshsr.data, "load_split", lambda *a, **k: None)
+    monkeypatch.setattr(tshsr_train.loop, "BatchSource", lambda model, *a, **k: seen.append(model) or model)
+    monkeypatch.setattr(tshsr_train.loop, "encode_source", lambda *a: (None, None))
+    for flag in (False, True):
+        (tmp_path / "train_args.json").write_text(json.dumps({"channels_last": flag}))
+        streams_diagnosis.encode_split(tmp_path, "unused", "unused")
+    assert [m.image_backbone.channels_last for m in seen] == [False, True]
