@@ -97,7 +97,7 @@ def _provenance(run: Path) -> str:
     """Where the shipped run came from, when runs/f8k-tshsr links to a run made by another script."""
     if not run.is_symlink():
         return ""
-    if "train_time" in run.resolve().parts:
+    if any(part.startswith("train_time") for part in run.resolve().parts):  # runs/train_time*/model
         return " (the run `benchmarks/train_time.py` timed: 2 torch threads on an otherwise idle machine)"
     return " (a run of the streams study: one torch thread, sharing the 2 cores with another run)"
 
