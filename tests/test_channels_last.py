@@ -84,3 +84,28 @@ def test_the_diagnosis_reads_the_features_a_channels_last_run_trained_on(vocab, 
         (tmp_path / "train_args.json").write_text(json.dumps({"channels_last": flag}))
         streams_diagnosis.encode_split(tmp_path, "unused", "unused")
     assert [m.image_backbone.channels_last for m in seen] == [False, True]
+
+
+def test_the_speed_benchmark_times_both_layouts_and_reports_the_drift() -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from channels_last_speed import compare, section, time_layouts
+
+    from tshsr.encoders import TimmImageBackbone
+
+    torch.manual_seed(0)
+    backbone = TimmImageBackbone("tf_efficientnet_lite0", pretrained=False).eval()
+    timed = time_layouts(backbone, torch.randn(2, 3, 64, 64), rounds=2)
+    assert [len(p) for p in timed["passes"].values()] == [2, 2]  # the warm-up pass is not counted
+    assert not backbone.channels_last  # left in the default layout
+    default, fast = timed["features"]["default"], timed["features"]["channels_last"]
+    torch.testing.assert_close(fast, default, rtol=1e-4, atol=1e-4)
+    drift = compare(default, fast)
+    assert drift["grid"] == 4 and 0 <= drift["fp16_changed"] < 0.05 and drift["max_abs_diff"] < 1e-3
+    row = {"backbone": "tf_efficientnet_lite0", "image_size": 64, "images": 2, "default_s": 2.0,
+           "channels_last_s": 1.0, "speedup": 2.0,
+           "passes": {"default": [1.9, 2.1], "channels_last": [0.9, 1.1]}, **drift}
+    assert ("| tf_efficientnet_lite0 (64 px) | 4 | 2 | 2.00 s (1.90-2.10) | 1.00 s (0.90-1.10) | **2.00x** |"
+            in section([row], 2, 2))
