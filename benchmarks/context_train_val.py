@@ -31,7 +31,8 @@ from streams_diagnosis import _digest, encode_split, model_parser, parse_model_a
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "context_train_val.jsonl"
-MEASURES = 2  # what a record holds: 1 full, cosine, context cut; 2 also no reasoning (older records are re-measured)
+MEASURES = 3  # what a record holds: 1 full, cosine, context cut; 2 also no reasoning; 3 also the mean with the cut
+# (older records are re-measured when their model is given again)
 
 
 def load_records(path: Path = STORE) -> list[dict]:
@@ -40,23 +41,39 @@ def load_records(path: Path = STORE) -> list[dict]:
 
 def measure(model_dir: Path, split_name: str, max_images: int | None, data_dir: str, cache_dir: str,
             rerank_k: int) -> dict:
-    """RSUM of the full score, the cosine, the context knock-out and the score with no reasoning step on one
-    split."""
+    """RSUM of the full score, the cosine, the context knock-out, the mean of the full and the knocked-out
+    score and the score with no reasoning step on one split (one cosine shortlist for all)."""
     import torch
 
-    from tshsr.analysis import knockout_metrics, part_metrics, reasoning_off
+    from tshsr.analysis import context_cut, reasoning_off, reranked_matrices, shortlisted_values
+    from tshsr.metrics import retrieval_metrics
 
     model, split, images, texts = encode_split(model_dir, data_dir, cache_dir, split_name, max_images)
+    variants = {}  # every variant of the full score on one cosine shortlist
     with torch.no_grad():
-        parts = part_metrics(model, images, texts, split.caption_image, rerank_k=rerank_k)
-        knocked = knockout_metrics(model, images, texts, split.caption_image, rerank_k=rerank_k)
-        rsum = {"full": parts["full"]["rsum"], "cosine": parts["cosine"]["rsum"]}
+        variants["full"] = shortlisted_values(model, images, texts, rerank_k)
+        with context_cut(model) as cuts:
+            if cuts:
+                variants["context cut"] = shortlisted_values(model, images, texts, rerank_k)
         with reasoning_off(model) as reasons:
             if reasons:
-                rsum["no reasoning"] = part_metrics(model, images, texts, split.caption_image,
-                                                    rerank_k=rerank_k)["full"]["rsum"]
-    if "without context in reasoning" in knocked:
-        rsum["context cut"] = knocked["without context in reasoning"]["rsum"]
+                variants["no reasoning"] = shortlisted_values(model, images, texts, rerank_k)
+    full = variants["full"]
+
+    def rsum_of(i2t, t2i) -> float:
+        image_queries, caption_queries = reranked_matrices(full, i2t, t2i)
+        return retrieval_metrics(image_queries, split.caption_image, caption_queries)["rsum"]
+
+    rsum = {"full": rsum_of(full.i2t["full"], full.t2i["full"]),
+            "cosine": rsum_of(full.i2t["cosine"], full.t2i["cosine"])}
+    for name, v in variants.items():
+        rsum[name] = rsum_of(v.i2t["full"], v.t2i["full"])
+        # Two members with equal weight (fixed beforehand, not fitted). Removing the context level from the
+        # mean with the cut leaves the cut alone; the mean with no reasoning is the control: what averaging the
+        # full score with any other variant of itself gives.
+        if name != "full":
+            rsum[f"mean with {'cut' if name == 'context cut' else name}"] = rsum_of(
+                (full.i2t["full"] + v.i2t["full"]) / 2, (full.t2i["full"] + v.t2i["full"]) / 2)
     return rsum
 
 
@@ -67,16 +84,24 @@ def summarize(records: list[dict]) -> str:
              "reasoning, on the first training images (seen in training) and on validation 1K. "
              "Δ cut = context cut − full: positive means the model ranks better without its context path. "
              "No reasoning: no step of the reasoning graph at all (each level read out from its nodes as built); "
-             "Δ none = no reasoning − full (measured from session 26 on; — where not measured).", "",
-             "| model | split | images | full | cosine | full − cosine | context cut | Δ cut | no reasoning | Δ none |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Δ none = no reasoning − full (measured from session 26 on; — where not measured). "
+             "Mean with cut: the mean of the full score and the context-cut score of the same model, weights "
+             "fixed at 1/2 beforehand (session 33 on); Δ mean − cut is what removing the context level costs a "
+             "model that scores this way. Mean with none: the full score averaged with its no-reasoning variant "
+             "instead, the control (what averaging the score with another variant of itself gives).", "",
+             "| model | split | images | full | cosine | full − cosine | context cut | Δ cut | no reasoning | Δ none "
+             "| mean with cut | Δ mean − cut | mean with none |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         s = r["rsum"]
         cut = f"{s['context cut']:.1f}" if "context cut" in s else "—"
         delta = f"{s['context cut'] - s['full']:+.1f}" if "context cut" in s else "—"
         none = f"{s['no reasoning']:.1f} | {s['no reasoning'] - s['full']:+.1f}" if "no reasoning" in s else "— | —"
+        mean = (f"{s['mean with cut']:.1f} | {s['mean with cut'] - s['context cut']:+.1f}" if "mean with cut" in s
+                else "— | —")
+        mean += f" | {s['mean with no reasoning']:.1f}" if "mean with no reasoning" in s else " | —"
         lines.append(f"| {r['name']} | {r['split']} | {r['images']} | {s['full']:.1f} | {s['cosine']:.1f} | "
-                     f"{s['full'] - s['cosine']:+.1f} | {cut} | {delta} | {none} |")
+                     f"{s['full'] - s['cosine']:+.1f} | {cut} | {delta} | {none} | {mean} |")
     if records:
         lines += ["", f"Protocol: cosine top-{records[-1]['rerank_k']} shortlist. Machine: {records[-1]['machine']}. "
                   "Models: " + "; ".join(sorted({f"{r['name']} = `{r['model']}` (weights {r['weights']})"
