@@ -15,6 +15,11 @@ levels). If the cut costs RSUM on the training images but gains on validation, t
 context path fits the training set rather than something that carries over; a model without a
 context level (flat) gives the train-validation gap the rest of the model has anyway.
 
+It also scores the mean of the full score and its context-cut variant (weights 1/2, fixed
+beforehand): if two readouts of one model rank better together, removing the context level from
+that mean costs what the cut alone loses. The control is the mean of the full score and its
+no-reasoning variant: what averaging the score with any variant of itself gives.
+
 One JSON line per (model, split) goes to benchmarks/results/context_train_val.jsonl (a pair
 already recorded with the same weights is skipped, so a killed run resumes), and the
 "context_train_val" section of docs/RESULTS.md is rewritten from the records.
