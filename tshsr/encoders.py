@@ -171,7 +171,7 @@ class TimmImageBackbone(nn.Module):
         self.channels_last = False
 
     def set_channels_last(self, on: bool = True) -> None:
-        """Run the network in the channels-last memory layout: on CPU the EfficientNet-Lite forward is 1.6-1.9x
+        """Run the network in the channels-last memory layout: on CPU the EfficientNet-Lite forward is 1.4-1.9x
         faster (2 threads), and its features differ only by float rounding (up to 4e-5; about 0.2 % of a float16
         cache's entries), so the feature cache keeps them apart (:func:`tshsr.features.feature_key`)."""
         self.channels_last = bool(on)
