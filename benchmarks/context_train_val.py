@@ -36,7 +36,7 @@ from streams_diagnosis import _digest, encode_split, model_parser, parse_model_a
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "benchmarks" / "results" / "context_train_val.jsonl"
-MEASURES = 3  # what a record holds: 1 full, cosine, context cut; 2 also no reasoning; 3 also the mean with the cut
+MEASURES = 3  # what a record holds: 1 full, cosine, context cut; 2 also no reasoning; 3 also both means
 # (older records are re-measured when their model is given again)
 
 
