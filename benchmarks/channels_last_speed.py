@@ -29,16 +29,15 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "flickr8k"
 BACKBONES = ["tf_efficientnet_lite0", "tf_efficientnet_lite2"]
 
 
-def _pixels(name: str, photos: list) -> "torch.Tensor":  # noqa: F821
-    """The photos as the cache's forward pass gets them: resized and normalised at the backbone's input size."""
-    import timm.models
-
+def _pixels(backbone, photos: list) -> "torch.Tensor":  # noqa: F821
+    """The photos as the cache's forward pass gets them: resized and normalised at the backbone's input size
+    (its ``data_config``, which a model built on it takes as well)."""
     from tshsr.config import TSHSRConfig
     from tshsr.processing import TSHSRProcessor
 
-    cfg = timm.models.get_pretrained_cfg(name)
-    config = TSHSRConfig.preset("tshsr", image_backbone=name, image_size=int(cfg.input_size[-1]),
-                                image_mean=tuple(cfg.mean), image_std=tuple(cfg.std))
+    data = backbone.data_config
+    # (preprocessing reads only the input size, mean and std)
+    config = TSHSRConfig.preset("tshsr", image_size=data["image_size"], image_mean=data["mean"], image_std=data["std"])
     return TSHSRProcessor(config).preprocess_images(photos)
 
 
@@ -73,7 +72,7 @@ def measure(name: str, photos: list, rounds: int) -> dict:
     from tshsr.encoders import TimmImageBackbone
 
     backbone = TimmImageBackbone(name).eval()
-    pixels = _pixels(name, photos)
+    pixels = _pixels(backbone, photos)
     timed = time_layouts(backbone, pixels, rounds)
     default_s = statistics.median(timed["passes"]["default"])
     fast_s = statistics.median(timed["passes"]["channels_last"])
@@ -93,8 +92,7 @@ def section(rows: list[dict], threads: int, rounds: int) -> str:
         "Forward pass of the frozen image backbone over the first validation photos, preprocessed beforehand, in "
         "the default memory layout and in channels-last (`train.py --channels-last`, which only changes how the "
         "feature cache is built); the median of the paired passes after one warm-up pass each (in brackets: the "
-        "fastest and the slowest pass). The features are "
-        "compared as the cache stores them (float16).",
+        "fastest and the slowest pass). The features are compared as the cache stores them (float16).",
         "",
         "| backbone (input) | regions | photos | default layout | channels-last | speed-up | largest difference "
         "| float16 entries changed |",
