@@ -275,6 +275,14 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                                                                     "machine)",
                                                                     [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, *LAYER0,
                                                                      *VIEWS, *TEXT_TOP, *LITE2_CL]),
+    "detach-skip-separate-windows-ctx0-layer0-views2-text1-rmean": ("v11 with --readout-mean: each level read out "
+                                                                    "before and after the reasoning, the two scores "
+                                                                    "averaged, in training too (session 33: that "
+                                                                    "mean, taken after training, ranked 1.2-2.1 "
+                                                                    "above the full score of three v11 models; "
+                                                                    "against v11, one machine)",
+                                                                    [*SEPARATE, *WINDOWS, *SCORELESS_CONTEXT, *LAYER0,
+                                                                     *VIEWS, *TEXT_TOP, "--readout-mean"]),
     "flat-separate-views2-text1-lite2": ("flat-separate-views2-text1 on EfficientNet-Lite2: the control of v11-lite2",
                                          ["--preset", "flat", *ALIGN_NCE, "--separate-streams", *VIEWS, *TEXT_TOP,
                                           *LITE2_CL]),

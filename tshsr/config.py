@@ -64,6 +64,9 @@ class TSHSRConfig:
     # Each stream has its own towers (projections, pooling, contrastive embedding) instead of both
     # reading the same unit vectors: two streams then err as differently as two separately trained models.
     separate_streams: bool = False
+    # Each level is read out from its nodes both before and after the reasoning steps, and the two scores are
+    # averaged: the score is the mean over reasoning depths (0 and reasoning_steps), in training and at test time.
+    readout_mean: bool = False
     logit_scale_init: float = 20.0  # temperature of the contrastive term on global vectors
 
     # --- image side ------------------------------------------------------------------------
@@ -227,20 +230,17 @@ class TSHSRConfig:
         if data["backbone_sha256"] is None:  # nothing to pin: config.json stays as older versions wrote it
             del data["backbone_sha256"]
         # off: config.json (and its hash) as older versions wrote it
-        for flag in ("context_skip", "context_gate", "context_relations", "word_salience", "separate_streams"):
+        for flag in ("context_skip", "context_gate", "context_relations", "word_salience", "separate_streams",
+                     "readout_mean", "text_finetune_layers"):
             if not data[flag]:
                 del data[flag]
         if data["context_pooling"] == "learned":
             del data["context_pooling"]
         if data["level_weights"] is None:
             del data["level_weights"]
-        for name in ("image_context_stage", "image_context_dim"):
+        for name in ("image_context_stage", "image_context_dim", "text_context_layer"):
             if data[name] is None:
                 del data[name]
-        if not data["text_finetune_layers"]:
-            del data["text_finetune_layers"]
-        if data["text_context_layer"] is None:
-            del data["text_context_layer"]
         return data
 
     @classmethod

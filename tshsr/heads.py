@@ -193,6 +193,7 @@ class StreamHead(nn.Module):
                                                relations=config.context_relations)
         # Starts leaning on the cosine of the contrastive global vectors: it learns fastest.
         self.cosine_mix = nn.Parameter(torch.tensor(2.0)) if self.global_cosine else None
+        self.readout_mean = config.readout_mean  # every level's score: mean of its readouts before and after reasoning
         self.detach_context_units = False  # set through HeadKind.set_context_detach (training only)
         # (training only, tshsr.analysis.context_twin) every pair is reasoned twice on the same nodes,
         # the second copy with the context path cut: pair outputs are [2P], full then cut.
@@ -306,13 +307,7 @@ class StreamHead(nn.Module):
         elif want_maps:
             maps["context_attention"] = ctx_weights
             maps["context_membership"] = membership
-        cut = None
-        if self.twin_cut and context is not None:
-            (local, query_mask, context, membership, glob, cosine), align, cut = _twin(
-                (local, query_mask, context, membership, glob, cosine), align)
-        local, context, glob = self.reasoning(local, query_mask, context, membership, glob, cut)
-
-        scores, alpha = self._level_scores(local, query_mask, context, glob, cosine, align)
+        scores, alpha = self._reason_and_read(local, query_mask, context, membership, glob, cosine, align)
         if want_maps:
             maps["attention"] = weights
             maps["local_weights"] = alpha
@@ -321,6 +316,21 @@ class StreamHead(nn.Module):
                 cosines = unit_alignment(attended, units, query_mask.view(units.shape[:-1]))
                 maps["unit_alignment"] = cosines.reshape(query_mask.shape)
         return {lv: scores[lv] for lv in self.levels}, maps
+
+    def _reason_and_read(self, local, query_mask, context, membership, glob, cosine, align):
+        """({level: score [P]}, the local readout's weights): the nodes reasoned, then read out."""
+        cut = None
+        if self.twin_cut and context is not None:
+            (local, query_mask, context, membership, glob, cosine), align, cut = _twin(
+                (local, query_mask, context, membership, glob, cosine), align)
+        # (readout_mean) the readout at depth 0, from the nodes as built; none when the graph runs no step
+        before = self._level_scores(local, query_mask, context, glob, cosine, align)[0] if (
+            self.readout_mean and self.reasoning.steps) else None
+        local, context, glob = self.reasoning(local, query_mask, context, membership, glob, cut)
+        scores, alpha = self._level_scores(local, query_mask, context, glob, cosine, align)
+        if before is not None:
+            scores = {lv: (before[lv] + scores[lv]) / 2 for lv in scores}
+        return scores, alpha
 
     def _level_scores(self, local, query_mask, context, glob, cosine, align):
         """Each level's score from its reasoned nodes, blended with its cosine where it has one."""

@@ -19,6 +19,8 @@ from .sgraf import SGRAFHead
 
 _HEADS: dict[str, type["HeadKind"]] = {}
 NO_SALIENCE = "word_salience is a part of the TSHSR streams' attention; the sgr, saf and dual heads have none"
+NO_READOUT_MEAN = ("readout_mean averages each level's readouts before and after TSHSR's hierarchical reasoning; "
+                   "the sgr, saf and dual heads have none")
 
 
 def register_head(name: str):
@@ -58,7 +60,7 @@ class HeadKind:
 
     def validate(self, config) -> str | None:
         """A reason ``config`` cannot use this head, or None."""
-        return None
+        return NO_READOUT_MEAN if config.readout_mean else None
 
     def contribution_keys(self, config) -> list[str]:
         return [f"{s}/{lv}" for s in config.streams for lv in config.levels]
@@ -115,6 +117,11 @@ def stream_inputs(model, stream: str, img: dict, txt: dict, cosine: torch.Tensor
 class TwoStreamHierarchicalHead(HeadKind):
     """TSHSR: per stream (i2t, t2i) local/context/global nodes and hierarchical reasoning; the
     level scores are mixed per stream, the streams mixed with each other."""
+
+    def validate(self, config) -> str | None:
+        if config.readout_mean and config.reasoning_steps == 0:
+            return "readout_mean averages the readouts before and after the reasoning steps; reasoning_steps is 0"
+        return None
 
     def has_context(self, config) -> bool:
         return "context" in config.levels
@@ -178,7 +185,7 @@ class _SGRAFKind(HeadKind):
     def validate(self, config) -> str | None:
         if config.streams != ("t2i",):
             return "SGRAF heads (sgr, saf) have the text-to-image stream only: streams=('t2i',)"
-        return NO_SALIENCE if config.word_salience else None
+        return NO_SALIENCE if config.word_salience else super().validate(config)
 
     def contribution_keys(self, config) -> list[str]:
         return [self.key]
@@ -216,7 +223,9 @@ class DualEncoderHead(HeadKind):
     def validate(self, config) -> str | None:
         if config.word_salience:
             return NO_SALIENCE
-        return None if config.levels == ("global",) else "the dual-encoder head has the global level only"
+        if config.levels != ("global",):
+            return "the dual-encoder head has the global level only"
+        return super().validate(config)
 
     def contribution_keys(self, config) -> list[str]:
         return ["dual/global"]

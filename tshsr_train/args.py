@@ -33,7 +33,7 @@ Examples:
 RECIPE_FIELDS = ("warmup_epochs", "margin", "grad_clip", "hard_negatives", "random_negatives", "aux_stream_weight",
                  "aux_level_weight", "mine_pool", "stream_fusion", "level_fusion", "level_weights", "level_cosine", "context_skip", "context_gate", "context_relations",
                  "image_context_stage", "text_context_layer",
-                 "context_units", "context_pooling", "word_salience", "separate_streams", "alignment_weight", "alignment_joint",
+                 "context_units", "context_pooling", "word_salience", "separate_streams", "readout_mean", "alignment_weight", "alignment_joint",
                  "alignment_chunk",
                  "context_detach", "alignment_levels", "alignment_complement", "unit_dropout", "augment_views", "context_path_dropout",
                  "context_gain_weight", "contrastive_weight", "finetune_text", "text_finetune_layers", "finetune_image", "text_lr_mult", "image_lr_mult",
@@ -78,6 +78,7 @@ class TrainArgs:
     level_weights: list | None = None  # --level-fusion fixed: a weight per level of the preset
     level_cosine: bool = False  # local/context levels also carry SCAN's alignment (attended cosine)
     separate_streams: bool = False  # each stream its own towers (projections, pooling, embedding)
+    readout_mean: bool = False  # each level's score: the mean of its readouts before and after reasoning
     word_salience: bool = False  # a learned salience per word in each stream's attention / alignment
     context_gate: bool = False  # the context path's messages scaled by a learned gate, zero at first
     context_relations: bool = False  # the context nodes reason over each other (SGR's relation step)
@@ -327,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--level-cosine", action="store_true",
                    help="the local and context levels also carry SCAN's alignment score (mean cosine of each "
                         "unit with what it attends to), as the global level carries the global cosine")
+    g.add_argument("--readout-mean", action="store_true",
+                   help="each level's score is the mean of its readouts before and after the reasoning steps "
+                        "(the score averaged over reasoning depths 0 and --preset's steps), in training and at "
+                        "test time; tshsr, t2i, i2t and flat only")
     g.add_argument("--separate-streams", action="store_true",
                    help="each stream has its own towers (projections, pooling and contrastive embedding of both "
                         "sides), so the two streams no longer read the same unit vectors; with --preset dual: "

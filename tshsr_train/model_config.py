@@ -20,6 +20,7 @@ def build_config(args: TrainArgs, vocabulary: Vocabulary | None) -> TSHSRConfig:
                      level_cosine=args.level_cosine, context_skip=args.context_skip,
                      context_gate=args.context_gate, context_relations=args.context_relations,
                      word_salience=args.word_salience, separate_streams=args.separate_streams,
+                     readout_mean=args.readout_mean,
                      context_pooling=args.context_pooling, image_context_stage=args.image_context_stage,
                      text_context_layer=args.text_context_layer)
     if args.context_units:
@@ -42,7 +43,7 @@ MODEL_FLAGS = {
     "stream_fusion": ("stream_fusion",), "level_fusion": ("level_fusion",), "level_weights": ("level_weights",), "level_cosine": ("level_cosine",),
     "context_skip": ("context_skip",), "context_gate": ("context_gate",),
     "context_relations": ("context_relations",), "word_salience": ("word_salience",),
-    "separate_streams": ("separate_streams",), "image_context_stage": ("image_context_stage",),
+    "separate_streams": ("separate_streams",), "readout_mean": ("readout_mean",), "image_context_stage": ("image_context_stage",),
     "text_context_layer": ("text_context_layer",),
     "context_units": ("context_units_image", "context_units_text"), "context_pooling": ("context_pooling",),
     "image_feature_dim": ("image_feature_dim",), "dataset": ("image_encoder",),
