@@ -176,6 +176,8 @@ def summarize(recipes: list[str], runs: list[dict], pairs: list[tuple[str, str]]
                 spreads.append(spread)
             lines.append(f"| {recipe} | {seed} | {cells} | {'—' if spread is None else f'{spread:.1f}'} |")
     for a, b in pairs if pairs is not None else [(recipes[0], b) for b in recipes[1:]]:
+        if not group_margins(runs, a, b):
+            continue  # no group ran both yet
         lines += ["", f"Margin of `{a}` over `{b}` (RSUM, seed by seed) within each group that ran both "
                   "(sd: standard deviation of the margins over seeds):", "",
                   "| group | per seed | mean | sd | seeds won |", "|---|---|---|---|---|"]
@@ -235,7 +237,8 @@ def comparisons(recipes: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     other backbone gave)."""
     def variant(r: str) -> tuple:  # (epochs, the whole budget, backbone): two schedules or backbones never mixed
         return epochs_of(r), tuple(budget_of(r)), flag_value(RECIPES[r][1], BACKBONE) or ""
-    ordered = sorted(recipes, key=lambda r: (variant(r), PRESET_ORDER.get(_preset(r), 2), recipes.index(r)))
+    ordered = sorted(recipes, key=lambda r: (variant(r), PRESET_ORDER.get(_preset(r), 2), r != DEFAULT_RECIPE,
+                                             recipes.index(r)))
     pairs = []
     for key in dict.fromkeys(variant(r) for r in ordered):
         same = [r for r in ordered if variant(r) == key]
