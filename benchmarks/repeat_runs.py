@@ -176,12 +176,13 @@ def summarize(recipes: list[str], runs: list[dict], pairs: list[tuple[str, str]]
                 spreads.append(spread)
             lines.append(f"| {recipe} | {seed} | {cells} | {'—' if spread is None else f'{spread:.1f}'} |")
     for a, b in pairs if pairs is not None else [(recipes[0], b) for b in recipes[1:]]:
-        if not group_margins(runs, a, b):
+        by_group = group_margins(runs, a, b)
+        if not by_group:
             continue  # no group ran both yet
         lines += ["", f"Margin of `{a}` over `{b}` (RSUM, seed by seed) within each group that ran both "
                   "(sd: standard deviation of the margins over seeds):", "",
                   "| group | per seed | mean | sd | seeds won |", "|---|---|---|---|---|"]
-        for group, by_seed in group_margins(runs, a, b).items():
+        for group, by_seed in by_group.items():
             margins = list(by_seed.values())
             sd = f"{statistics.stdev(margins):.1f}" if len(margins) > 1 else "—"
             lines.append(f"| {group} | {_per_seed(by_seed)} | {statistics.mean(margins):+.1f} | {sd} | "
